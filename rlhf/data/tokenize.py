@@ -1,0 +1,68 @@
+"""Rendering prompts with the chat template (or a plain template), tokenising, and padding batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PromptFormat:
+    """How a prompt and its answer become text: the tokenizer's chat template or a plain template."""
+
+    use_chat: bool
+    plain_template: str
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, data_cfg: DictConfig) -> PromptFormat:
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if data_cfg.template == "chat" and not has_chat:
+            raise ValueError("data.template=chat but the tokenizer has no chat template; use auto or plain")
+        use_chat = data_cfg.template == "chat" or (data_cfg.template == "auto" and has_chat)
+        return cls(use_chat=use_chat, plain_template=data_cfg.plain_template)
+
+    def prompt_text(self, tokenizer, prompt: str) -> str:
+        if self.use_chat:
+            messages = [{"role": "user", "content": prompt}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.plain_template.format(prompt=prompt)
+
+    def answer_text(self, tokenizer, prompt: str, answer: str) -> str:
+        """The text that follows `prompt_text` for this answer, ending with the end-of-turn marker."""
+        if self.use_chat:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+            head = self.prompt_text(tokenizer, prompt)
+            if not full.startswith(head):
+                raise ValueError("the chat template does not render the prompt as a prefix of prompt + answer")
+            return full[len(head) :].rstrip("\n")
+        return " " + answer + tokenizer.eos_token
+
+
+def encode_sft(tokenizer, fmt: PromptFormat, prompt: str, answer: str, data_cfg: DictConfig) -> dict | None:
+    """input_ids and labels (prompt tokens masked) for one example; None when nothing of the answer fits."""
+    prompt_ids = tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(fmt.answer_text(tokenizer, prompt, answer), add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_ids[-data_cfg.max_prompt_len :]
+    answer_ids = answer_ids[: data_cfg.max_answer_len]
+    if not answer_ids:
+        return None
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def pad_right(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row: input_ids, attention_mask, labels (pad positions ignored)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

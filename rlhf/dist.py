@@ -1,0 +1,78 @@
+"""Process-group helpers: rank, world size, reductions, and gathering full weights under ZeRO-3."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as torch_dist
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else 1
+
+
+def barrier() -> None:
+    if is_initialized():
+        torch_dist.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init(backend: str) -> None:
+    """Join (or, in a single process, create) the process group DeepSpeed expects."""
+    import deepspeed
+
+    if is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def destroy() -> None:
+    if is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sums of `values` over all ranks (the values themselves in a single process)."""
+    if not is_initialized() or world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    torch_dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The module's full state dict on CPU at rank 0 (empty elsewhere); under ZeRO-3 each parameter is gathered."""
+    module = engine.module
+    if zero_stage < 3:
+        if rank() != 0:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank() == 0:
+                state[name] = param.data.detach().cpu().clone()
+    if rank() == 0:
+        persistent = {k for k in module.state_dict() if k not in state}
+        state.update({k: v.detach().cpu().clone() for k, v in module.named_buffers() if k in persistent})
+    return state

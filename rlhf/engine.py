@@ -1,0 +1,100 @@
+"""DeepSpeed engines: the config built from `hardware`/`optimizer`/`stage`, the optimizer, and the LR schedule."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from omegaconf import DictConfig
+
+from rlhf.config import DType, Schedule, grad_accum_steps
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio: float) -> float:
+    """Multiplier of the base LR at optimizer step `step`: linear warmup, then cosine/linear decay or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == Schedule.constant or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == Schedule.cosine else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * decay
+
+
+def deepspeed_config(cfg: DictConfig, train: bool = True) -> dict:
+    """The DeepSpeed config of a training engine (or, with train=False, of a frozen inference engine)."""
+    hw = cfg.hardware
+    zero: dict = {"stage": hw.zero_stage}
+    if hw.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=5e7)
+        if hw.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
+    if train and cfg.optimizer.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": hw.micro_batch,
+        "gradient_accumulation_steps": grad_accum_steps(cfg) if train else 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": hw.precision == DType.bf16},
+        "fp16": {"enabled": hw.precision == DType.fp16, "loss_scale_window": 100},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if train:
+        config["train_batch_size"] = cfg.stage.global_batch
+        config["gradient_clipping"] = cfg.stage.grad_clip
+    return config
+
+
+def param_groups(model: torch.nn.Module, opt_cfg: DictConfig) -> list[dict]:
+    """Trainable parameters split into decayed, non-decayed (biases, norms) and LoRA (own LR) groups."""
+    groups = {
+        "decay": {"params": [], "weight_decay": opt_cfg.weight_decay, "lr": opt_cfg.lr},
+        "no_decay": {"params": [], "weight_decay": 0.0, "lr": opt_cfg.lr},
+        "lora": {"params": [], "weight_decay": 0.0, "lr": opt_cfg.lora_lr},
+    }
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_" in name:
+            key = "lora"
+        elif param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias"):
+            key = "no_decay"
+        else:
+            key = "decay"
+        groups[key]["params"].append(param)
+    return [g for g in groups.values() if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, opt_cfg)
+    betas = tuple(opt_cfg.betas)
+    if opt_cfg.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps)
+
+
+def initialize(model: torch.nn.Module, cfg: DictConfig, total_steps: int):
+    """A DeepSpeed training engine for `model` with AdamW (or CPU Adam) and the configured schedule."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg.optimizer)
+    opt = cfg.optimizer
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        partial(
+            lr_factor,
+            warmup=opt.warmup_steps,
+            total=total_steps,
+            schedule=opt.schedule,
+            min_ratio=opt.min_lr_ratio,
+        ),
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
+    )
+    return engine

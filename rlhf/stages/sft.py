@@ -1,0 +1,211 @@
+"""Stage 1: supervised fine-tuning on prompt + chosen answer, loss on the answer tokens only."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from rlhf import dist, engine, models
+from rlhf.config import grad_accum_steps
+from rlhf.data import DataError, stage_rows
+from rlhf.data.tokenize import IGNORE_INDEX, PromptFormat, encode_sft, pad_right
+from rlhf.progress import StepLog
+from rlhf.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class SFTTrainer:
+    """Setup, train, save (Hugging Face folder) and save/load of the full training state."""
+
+    name = "sft"
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, tracker: Tracker) -> None:
+        self.cfg, self.run_dir, self.tracker = cfg, run_dir, tracker
+        self.out_dir = run_dir / self.name
+        self.step = 0
+        self.rank, self.world = dist.rank(), dist.world_size()
+
+    # 1. setup: tokenizer, data, model (+ LoRA, checkpointing), DeepSpeed engine
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = models.load_tokenizer(cfg.model)
+        fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
+        train_rows, eval_rows = stage_rows(cfg.data, self.name)
+        self.train_examples = self._encode(fmt, train_rows)
+        self.eval_examples = self._encode(fmt, eval_rows)
+
+        model = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from)
+        self.lora_modules = models.apply_lora(model, cfg.model.lora)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+        self.global_batch = cfg.stage.global_batch
+        self.micro_batch = cfg.hardware.micro_batch
+        self.accum = grad_accum_steps(cfg)
+        self.steps_per_epoch = len(self.train_examples) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(self.train_examples)} SFT training examples are fewer than one global batch "
+                f"(stage.global_batch={self.global_batch})"
+            )
+        self.total_steps = cfg.stage.epochs * self.steps_per_epoch
+        if cfg.stage.max_steps > 0:
+            self.total_steps = min(self.total_steps, cfg.stage.max_steps)
+        self.engine = engine.initialize(model, cfg, self.total_steps)
+        log.info(
+            "sft: %d train / %d eval examples, %s params (%s trainable, %d LoRA modules), %d steps of %d samples "
+            "(%d x %d micro-batches of %d), world size %d",
+            len(self.train_examples),
+            len(self.eval_examples),
+            f"{self.n_params:,}",
+            f"{self.n_trainable:,}",
+            self.lora_modules,
+            self.total_steps,
+            self.global_batch,
+            self.world,
+            self.accum,
+            self.micro_batch,
+            self.world,
+        )
+
+    def _encode(self, fmt: PromptFormat, rows: list[dict]) -> list[dict]:
+        encoded = [encode_sft(self.tokenizer, fmt, r["prompt"], r["chosen"], self.cfg.data) for r in rows]
+        kept = [e for e in encoded if e is not None]
+        if len(kept) < len(encoded):
+            log.warning("sft: %d rows dropped (no answer token fits data.max_answer_len)", len(encoded) - len(kept))
+        return kept
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches for optimizer step `step`: a pure function of (seed, step), so a resumed
+        run sees exactly the data an uninterrupted one would."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        chunk = order[within * self.global_batch : (within + 1) * self.global_batch][self.rank :: self.world]
+        return [
+            pad_right([self.train_examples[i] for i in chunk[m : m + self.micro_batch].tolist()], self.pad_id)
+            for m in range(0, len(chunk), self.micro_batch)
+        ]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    # 2. train: numbered optimizer steps, each over `accum` micro-batches; eval at 0, every interval and the end
+    def train(self) -> dict:
+        cfg, eng = self.cfg, self.engine
+        steplog = StepLog("sft", self.total_steps, cfg.stage.log_interval, log, enabled=self.rank == 0)
+        history: list[float] = []
+        evals = {"eval_loss_start": self.evaluate()} if self.step == 0 else {}
+        self.tracker.log({"sft/eval_loss": evals.get("eval_loss_start", float("nan"))}, step=self.step)
+        train_seconds, train_tokens, samples = 0.0, 0, 0
+        eng.train()
+        while self.step < self.total_steps:
+            started = time.perf_counter()
+            loss_sum, answer_tokens, tokens = 0.0, 0, 0
+            for batch in self.micro_batches(self.step):
+                out = eng(**batch)
+                eng.backward(out.loss)
+                eng.step()
+                n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                loss_sum += out.loss.item() * n_answer
+                answer_tokens += n_answer
+                tokens += int(batch["attention_mask"].sum())
+            loss_sum, answer_tokens, tokens = dist.all_reduce_sum([loss_sum, answer_tokens, tokens])
+            step_s = time.perf_counter() - started
+            self.step += 1
+            train_seconds += step_s
+            train_tokens += int(tokens)
+            samples += self.global_batch
+            loss = loss_sum / max(answer_tokens, 1)
+            history.append(loss)
+            metrics = {
+                "sft/loss": loss,
+                "sft/lr": eng.get_lr()[0],
+                "perf/tokens_per_s": tokens / step_s,
+                "perf/step_s": step_s,
+                "perf/samples_per_s": self.global_batch / step_s,
+            }
+            if self.step % cfg.stage.eval_interval == 0 or self.step == self.total_steps:
+                metrics["sft/eval_loss"] = self.evaluate()
+                metrics["sft/ppl"] = math.exp(min(metrics["sft/eval_loss"], 50.0))
+                evals["eval_loss"] = metrics["sft/eval_loss"]
+            self.tracker.log(metrics, step=self.step)
+            steplog.step(self.step, {k: metrics[k] for k in ("sft/loss", "sft/lr")}, tokens / step_s, step_s)
+        window = max(1, min(5, len(history) // 4))
+        return {
+            "steps": self.step,
+            "samples": samples,
+            "train_s": train_seconds,
+            "samples_per_s": samples / train_seconds if train_seconds else 0.0,
+            "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
+            "first_loss": history[0] if history else float("nan"),
+            "last_loss": history[-1] if history else float("nan"),
+            "first_loss_mean": float(np.mean(history[:window])) if history else float("nan"),
+            "last_loss_mean": float(np.mean(history[-window:])) if history else float("nan"),
+            **evals,
+            "eval_ppl": math.exp(min(evals.get("eval_loss", float("nan")), 50.0)),
+            "params": self.n_params,
+            "trainable_params": self.n_trainable,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean answer-token loss on (up to `eval_max_batches` micro-batches per rank of) the eval split."""
+        eng = self.engine
+        eng.eval()
+        share = len(self.eval_examples) // self.world
+        mine = self.eval_examples[self.rank :: self.world][:share]
+        loss_sum, count = 0.0, 0
+        for start in range(0, min(share, self.cfg.stage.eval_max_batches * self.micro_batch), self.micro_batch):
+            batch = pad_right(mine[start : start + self.micro_batch], self.pad_id)
+            out = eng(**batch)
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum += out.loss.item() * n
+            count += n
+        eng.train()
+        loss_sum, count = dist.all_reduce_sum([loss_sum, count])
+        return loss_sum / max(count, 1)
+
+    # 3. save: the final model in Hugging Face format, LoRA merged, written atomically by rank 0
+    def save(self) -> Path:
+        state = dist.full_state_dict(self.engine, self.cfg.hardware.zero_stage)
+        target = self.out_dir / "final"
+        if self.rank == 0:
+            state = models.merge_lora_state_dict(state, models.lora_scalings(self.engine.module))
+            models.save_hf(self.engine.module.config, state, self.tokenizer, target, self.cfg.model.dtype)
+            log.info("sft: final model saved to %s", target)
+        dist.barrier()
+        return target
+
+    # 4. full training state (DeepSpeed engine + step + RNG), for checkpoints and resume
+    def save_state(self, path: Path) -> None:
+        client = {
+            "step": self.step,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+            },
+        }
+        self.engine.save_checkpoint(str(path), tag=f"step{self.step}", client_state=client)
+
+    def load_state(self, path: Path) -> None:
+        _, client = self.engine.load_checkpoint(str(path))
+        if client is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+        self.step = client["step"]
+        torch.set_rng_state(client["rng"]["torch"])
+        random.setstate(client["rng"]["python"])
+        np.random.set_state(client["rng"]["numpy"])

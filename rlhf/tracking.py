@@ -1,0 +1,81 @@
+"""Weights & Biases on rank 0: one run per stage, online with a key, offline without, and always finished."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from rlhf.config import LoggerMode
+
+log = logging.getLogger(__name__)
+
+
+def api_key_configured() -> bool:
+    """Whether W&B has a key without asking for one: WANDB_API_KEY or a ~/.netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host or "coreweave" in host for host in hosts)
+
+
+def resolve_mode(mode: LoggerMode) -> str:
+    """The W&B mode to run in; WANDB_MODE in the environment wins, as W&B users expect."""
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if mode == LoggerMode.auto:
+        return "online" if api_key_configured() else "offline"
+    return mode.value
+
+
+class Tracker:
+    """A W&B run for one stage, or a no-op on other ranks and with `logger=none`. Use as a context manager."""
+
+    def __init__(self, cfg: DictConfig, stage: str, run_dir: Path, rank: int = 0) -> None:
+        self.run = None
+        mode = resolve_mode(cfg.logger.mode)
+        if rank != 0 or mode == "disabled":
+            return
+        import wandb
+
+        group = cfg.logger.group or run_dir.name
+        name = cfg.run_name or f"{stage}-{cfg.model.name}-{run_dir.name}"
+        self.run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity or None,
+            group=group,
+            job_type=stage,
+            name=name,
+            tags=list(cfg.logger.tags) + [stage, cfg.model.name, cfg.hardware.name],
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            dir=str(run_dir),
+            mode=mode,
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        log.info("W&B run %s (%s) in %s", self.run.id, mode, self.run.dir)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def summary(self, figures: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(figures)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)

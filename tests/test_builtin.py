@@ -1,0 +1,40 @@
+"""The built-in verifiable dataset and its gold scorer."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from rlhf.data import builtin
+
+
+def test_generation_is_deterministic_distinct_and_covers_every_family() -> None:
+    pairs = builtin.generate(6000, seed=7)
+    assert pairs == builtin.generate(6000, seed=7)
+    assert pairs != builtin.generate(6000, seed=8)
+    assert len({p.prompt for p in pairs}) == 6000
+    counts = Counter(p.family for p in pairs)
+    assert set(counts) == {f.name for f in builtin.FAMILIES}
+    assert min(counts.values()) >= 900
+
+
+def test_chosen_is_right_and_rejected_is_wrong_for_every_pair() -> None:
+    pairs = builtin.generate(3000, seed=1)
+    assert all(builtin.score(p.prompt, p.chosen) == 1.0 for p in pairs)
+    assert all(builtin.score(p.prompt, p.rejected) == 0.0 for p in pairs)
+    assert all(p.chosen != p.rejected for p in pairs)
+
+
+def test_gold_scorer_on_hand_written_answers() -> None:
+    score = builtin.score
+    assert score("What is 12 + 7?", "12 + 7 = 19. The answer is 19.") == 1.0
+    assert score("What is 12 + 7?", "19") == 1.0
+    assert score("What is 12 + 7?", "The answer is 20.") == 0.0
+    assert score("What is 12 * 3?", "I don't know.") == 0.0
+    assert score("Convert 3 kilometers to meters.", "That is 3000 meters. The answer is 3000.") == 1.0
+    assert score("How many times does the letter 'a' appear in 'banana'?", "The answer is 3.") == 1.0
+    assert score("Sort these numbers from smallest to largest: 5, 2, 9.", "2, 5, 9") == 1.0
+    assert score("Sort these numbers from smallest to largest: 5, 2, 9.", "5, 2, 9") == 0.0
+    assert score("Write the word 'planet' backwards.", "The answer is tenalp.") == 1.0
+    assert score("Write the word 'planet' backwards.", "The answer is planet.") == 0.0
+    assert score("Tell me a joke.", "Why did the chicken cross the road?") == 0.0
+    assert 0.0 <= score("What is 1 + 1?", "") <= 1.0

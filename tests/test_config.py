@@ -1,0 +1,112 @@
+"""Composition of every option of every group; schema and cross-field errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from rlhf.config import CONF_DIR, ConfigError, compose, grad_accum_steps, world_size
+from tests.conftest import run_cli
+
+GROUPS = ["model", "hardware", "stage", "data", "optimizer", "logger", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_validates(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if option == "local":
+        overrides.append("model.path=/some/model")
+    if group == "hardware":
+        overrides.append("stage.global_batch=1024")  # a multiple of every preset's world size x micro-batch
+    if option == "adamw-offload":
+        overrides.append("hardware.zero_stage=2")  # ZeRO-Offload partitions optimizer states
+    cfg = compose(overrides)
+    OmegaConf.to_yaml(cfg, resolve=True)
+    if group != "experiment":
+        assert cfg[group].name == option
+    assert cfg.stage.global_batch % (world_size(cfg) * cfg.hardware.micro_batch) == 0
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert options(group), group
+
+
+def test_model_hardware_specialisation_applies() -> None:
+    cfg = compose(["experiment=opt-1.3b-1gpu"])
+    assert cfg.model.name == "opt-1.3b" and cfg.hardware.name == "1xA100-80G"
+    assert cfg.hardware.micro_batch == 16  # from conf/model_hardware/opt-1.3b_1xA100-80G.yaml
+    assert grad_accum_steps(cfg) == 2
+    assert cfg.model.lora.dim == 128
+
+
+def test_64_gpu_preset_has_hostfile_and_world_size() -> None:
+    cfg = compose(["hardware=64xA100-80G", "stage.global_batch=512"])
+    assert world_size(cfg) == 64 and cfg.hardware.hostfile
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (
+            ["hardware=cpu-2proc", "stage.global_batch=12"],
+            "stage.global_batch=12 must be a positive multiple",
+        ),
+        (["hardware.zero_stage=4"], "hardware.zero_stage=4 must be 0, 1, 2 or 3"),
+        (["model.lora.dim=8"], "model.lora.dim=8 needs a non-empty model.lora.target_modules"),
+        (
+            ["model.lora.only_optimize_lora=true"],
+            "model.lora.only_optimize_lora=true needs model.lora.dim > 0",
+        ),
+        (["optimizer.lr=0"], "optimizer.lr=0.0 must be > 0"),
+        (
+            ["hardware.precision=fp16"],
+            "hardware.precision=fp16 is not supported with hardware.accelerator=cpu",
+        ),
+        (["optimizer=adamw-offload"], "optimizer.offload=true needs hardware.zero_stage >= 1"),
+        (["hardware.offload_params=true"], "hardware.offload_params=true needs hardware.zero_stage=3"),
+        (["model=local"], "model.source=local needs model.path"),
+        (["data.split=[0,0,0]"], "data.split=[0.0, 0.0, 0.0] must be three non-negative shares"),
+        (["hardware.nodes=2"], "hardware.nodes=2 needs hardware.hostfile"),
+    ],
+)
+def test_cross_field_rules_name_the_keys(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert fragment in str(err.value)
+
+
+def test_cli_prints_the_composed_config(tmp_path: Path) -> None:
+    result = run_cli(["--cfg", "job", "model=tiny"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    cfg = OmegaConf.create(result.stdout)
+    assert cfg.model.name == "tiny" and cfg.stage.name == "sft"
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["model.dtyp=bf16"], "Key 'dtyp' not in 'ModelConfig'"),
+        (["hardware.zero_stage=abc"], "could not be converted to Integer"),
+        (["hardware.precision=fp8"], "Invalid value 'fp8', expected one of [fp32, bf16, fp16]"),
+        (["model=no-such-model"], "Could not find 'model/no-such-model'"),
+    ],
+)
+def test_cli_schema_errors_exit_non_zero(tmp_path: Path, args: list[str], fragment: str) -> None:
+    result = run_cli(args, tmp_path)
+    assert result.returncode != 0
+    assert fragment in result.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.safetensors"))
+
+
+def test_cli_cross_field_error_exits_before_loading(tmp_path: Path) -> None:
+    result = run_cli(["model=tiny", "hardware=cpu-2proc", "stage.global_batch=12"], tmp_path)
+    assert result.returncode == 2
+    assert "stage.global_batch=12 must be a positive multiple" in result.stdout + result.stderr
+    assert "Loading" not in result.stdout + result.stderr

@@ -1,0 +1,128 @@
+"""SFT end to end on the tiny model: the loss falls, the model saves and loads, W&B holds the run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.config import compose
+from rlhf.models import LoRALinear
+from rlhf.stages.sft import SFTTrainer
+from rlhf.tracking import Tracker
+from tests.conftest import read_summary, run_cli, single_run_dir
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def inspect_wandb(run: Path) -> dict:
+    result = subprocess.run(
+        ["wandb", "leet", "inspect", "--summary", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def generate_from(model_dir: Path) -> str:
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+    return tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
+    result = run_cli(["experiment=quickstart", "stage.max_steps=30", "stage.eval_interval=15"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = single_run_dir(tmp_path)
+    summary = read_summary(run_dir, "sft")
+    assert summary["steps"] == 30
+    assert summary["eval_loss"] < summary["eval_loss_start"] - 0.5, summary
+    assert summary["last_loss_mean"] < summary["first_loss_mean"] - 0.5, summary
+    assert "sft step 30/30" in result.stderr + result.stdout  # the step log with rates and ETA
+
+    final = run_dir / "sft" / "final"
+    assert (final / "model.safetensors").is_file() and not list(run_dir.glob("sft/final.tmp-*"))
+    generate_from(final)
+
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 1
+    record = inspect_wandb(runs[0])
+    text = json.dumps(record)
+    assert "sft/loss" in text and "sft/eval_loss" in text
+    assert '"tiny"' in text and "global_batch" in text  # the resolved config is the run config
+
+
+def test_sft_tiny_two_processes_zero2(tmp_path: Path) -> None:
+    result = run_cli(["experiment=quickstart", "hardware=cpu-2proc", "stage.max_steps=6"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = single_run_dir(tmp_path)
+    summary = read_summary(run_dir, "sft")
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert len(wandb_runs(run_dir)) == 1
+    assert [p.name for p in (run_dir / "sft").iterdir() if p.is_dir()] == ["final"]
+    generate_from(run_dir / "sft" / "final")
+
+
+@pytest.fixture
+def lora_trainer(tmp_path: Path, dist_process_group) -> SFTTrainer:
+    cfg = compose(
+        [
+            "experiment=quickstart",
+            "logger=none",
+            "stage.max_steps=4",
+            "model.lora.dim=8",
+            "model.lora.target_modules=[q_proj,v_proj,mlp.]",
+            "model.lora.only_optimize_lora=true",
+        ]
+    )
+    trainer = SFTTrainer(cfg, tmp_path, Tracker(cfg, "sft", tmp_path))
+    trainer.setup()
+    return trainer
+
+
+def test_lora_sft_trains_only_lora_and_merged_model_matches(lora_trainer: SFTTrainer) -> None:
+    module = lora_trainer.engine.module
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    lora_trainer.train()
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    assert {n for n in before if ".lora_b" in n} <= changed
+
+    final = lora_trainer.save()
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    batch = lora_trainer.micro_batches(0)[0]
+    module.eval()
+    with torch.no_grad():
+        expected = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+
+
+def test_training_state_round_trips(tmp_path: Path, dist_process_group) -> None:
+    cfg = compose(["experiment=quickstart", "logger=none", "stage.max_steps=3"])
+    first = SFTTrainer(cfg, tmp_path, Tracker(cfg, "sft", tmp_path))
+    first.setup()
+    first.train()
+    first.save_state(tmp_path / "ckpt")
+
+    second = SFTTrainer(cfg, tmp_path, Tracker(cfg, "sft", tmp_path))
+    second.setup()
+    second.load_state(tmp_path / "ckpt")
+    assert second.step == 3
+    pairs = zip(first.engine.module.named_parameters(), second.engine.module.named_parameters(), strict=True)
+    for (name, a), (_, b) in pairs:
+        torch.testing.assert_close(a, b, msg=name)
+    assert second.micro_batches(3)[0]["input_ids"].equal(first.micro_batches(3)[0]["input_ids"])
