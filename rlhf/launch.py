@@ -20,8 +20,6 @@ from rlhf.config import Accelerator, load_resolved, save_resolved, world_size
 
 log = logging.getLogger("rlhf")
 
-WORKER_ENV = "RLHF_WORKER"
-
 
 def configure_process(cfg: DictConfig, local_procs: int) -> None:
     """Accelerator and thread settings; must run before DeepSpeed is imported."""
@@ -39,6 +37,12 @@ def backend(cfg: DictConfig) -> str:
 
 def run_stage(cfg: DictConfig, run_dir: Path) -> int:
     """Run the configured stage; return the exit code (0 on success, 2 for unusable input, else the workers')."""
+    if cfg.hardware.accelerator == Accelerator.cuda and not torch.cuda.is_available():
+        log.error(
+            "hardware=%s needs CUDA GPUs and none is visible here; use hardware=cpu or hardware=cpu-2proc",
+            cfg.hardware.name,
+        )
+        return 2
     save_resolved(cfg, run_dir)
     if world_size(cfg) == 1:
         configure_process(cfg, 1)
@@ -70,7 +74,7 @@ def prebuild_cpu_ops() -> None:
 
 def launch_workers(cfg: DictConfig, run_dir: Path) -> int:
     hw = cfg.hardware
-    env = dict(os.environ, **{WORKER_ENV: "1"})
+    env = dict(os.environ)
     if hw.accelerator == Accelerator.cpu:
         configure_process(cfg, hw.procs_per_node)
         env["DS_ACCELERATOR"] = "cpu"
@@ -96,9 +100,14 @@ def worker_main(run_dir: Path) -> None:
     """One rank of a multi-process stage, started by DeepSpeed's launcher."""
     cfg = load_resolved(run_dir)
     configure_process(cfg, cfg.hardware.procs_per_node)
+    rank = int(os.environ.get("RANK", "0"))
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if rank == 0:
+        handlers.append(logging.FileHandler(run_dir / "rank0.log"))
     logging.basicConfig(
-        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING,
-        format=f"[%(asctime)s][rank{os.environ.get('RANK', '0')}][%(name)s][%(levelname)s] - %(message)s",
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s][rank{rank}][%(name)s][%(levelname)s] - %(message)s",
+        handlers=handlers,
     )
     dist.init(backend(cfg))
     try:

@@ -110,3 +110,9 @@ def test_cli_cross_field_error_exits_before_loading(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "stage.global_batch=12 must be a positive multiple" in result.stdout + result.stderr
     assert "Loading" not in result.stdout + result.stderr
+
+
+def test_gpu_preset_without_gpus_stops_with_a_clear_message(tmp_path: Path) -> None:
+    result = run_cli(["experiment=opt-1.3b-1gpu"], tmp_path)
+    assert result.returncode == 2
+    assert "hardware=1xA100-80G needs CUDA GPUs and none is visible here" in result.stdout + result.stderr

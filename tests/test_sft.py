@@ -126,3 +126,12 @@ def test_training_state_round_trips(tmp_path: Path, dist_process_group) -> None:
     for (name, a), (_, b) in pairs:
         torch.testing.assert_close(a, b, msg=name)
     assert second.micro_batches(3)[0]["input_ids"].equal(first.micro_batches(3)[0]["input_ids"])
+
+
+@pytest.mark.slow
+def test_sft_on_the_embedded_model(tmp_path: Path) -> None:
+    result = run_cli(["stage=sft", "stage.max_steps=4", "stage.eval_max_batches=2", "logger=none"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = read_summary(single_run_dir(tmp_path), "sft")
+    assert summary["params"] > 100_000_000 and summary["steps"] == 4
+    assert summary["eval_loss"] < summary["eval_loss_start"]

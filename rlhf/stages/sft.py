@@ -46,10 +46,11 @@ class SFTTrainer:
         model = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from)
         self.lora_modules = models.apply_lora(model, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
 
         self.global_batch = cfg.stage.global_batch
         self.micro_batch = cfg.hardware.micro_batch
@@ -115,7 +116,7 @@ class SFTTrainer:
             started = time.perf_counter()
             loss_sum, answer_tokens, tokens = 0.0, 0, 0
             for batch in self.micro_batches(self.step):
-                out = eng(**batch)
+                out = eng(**{k: v.to(eng.device) for k, v in batch.items()})
                 eng.backward(out.loss)
                 eng.step()
                 n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -158,6 +159,7 @@ class SFTTrainer:
             "eval_ppl": math.exp(min(evals.get("eval_loss", float("nan")), 50.0)),
             "params": self.n_params,
             "trainable_params": self.n_trainable,
+            "lora_params": self.n_lora,
         }
 
     @torch.no_grad()
@@ -170,13 +172,22 @@ class SFTTrainer:
         loss_sum, count = 0.0, 0
         for start in range(0, min(share, self.cfg.stage.eval_max_batches * self.micro_batch), self.micro_batch):
             batch = pad_right(mine[start : start + self.micro_batch], self.pad_id)
-            out = eng(**batch)
+            out = eng(**{k: v.to(eng.device) for k, v in batch.items()})
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             loss_sum += out.loss.item() * n
             count += n
         eng.train()
         loss_sum, count = dist.all_reduce_sum([loss_sum, count])
-        return loss_sum / max(count, 1)
+        loss = loss_sum / max(count, 1)
+        if self.rank == 0:
+            log.info(
+                "sft eval at step %d: loss %.4f, ppl %.4g (%d answer tokens)",
+                self.step,
+                loss,
+                math.exp(min(loss, 50.0)),
+                int(count),
+            )
+        return loss
 
     # 3. save: the final model in Hugging Face format, LoRA merged, written atomically by rank 0
     def save(self) -> Path:
