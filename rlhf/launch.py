@@ -65,13 +65,6 @@ def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
     return 0
 
 
-def prebuild_cpu_ops() -> None:
-    """Compile DeepSpeed's shared-memory comm op once here, so parallel ranks do not race to build it."""
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-    ShareMemCommBuilder().load(verbose=False)
-
-
 def launch_workers(cfg: DictConfig, run_dir: Path) -> int:
     hw = cfg.hardware
     env = dict(os.environ)
@@ -79,7 +72,6 @@ def launch_workers(cfg: DictConfig, run_dir: Path) -> int:
         configure_process(cfg, hw.procs_per_node)
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-        prebuild_cpu_ops()
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(dist.free_port())]
     if hw.nodes > 1:
         command += ["--hostfile", hw.hostfile, "--num_nodes", str(hw.nodes)]
