@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as torch_dist
@@ -67,20 +68,28 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The module's full state dict on CPU at rank 0 (empty elsewhere); under ZeRO-3 each parameter is gathered."""
-    module = engine.module
-    if zero_stage < 3:
-        if rank() != 0:
-            return {}
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    import deepspeed
+    """The module's full state dict on CPU at rank 0 (empty elsewhere); every rank must call it.
 
+    Trained parameters come from the fp32 master weights when training ran in bf16/fp16, so the saved model is not
+    rounded to 16 bits; under ZeRO-3 each parameter is gathered in turn rather than the whole model at once.
+    """
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    masters = engine.bfloat16_enabled() or engine.fp16_enabled()
     state: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank() == 0:
-                state[name] = param.data.detach().cpu().clone()
+        value = safe_get_full_fp32_param(param) if masters and param.requires_grad else None
+        if value is None:
+            gathered = (
+                deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero_stage == 3 else nullcontext()
+            )
+            with gathered:
+                value = param.data.detach().cpu().clone() if rank() == 0 else None
+        if rank() == 0:
+            state[name] = value.detach().cpu()
     if rank() == 0:
-        persistent = {k for k in module.state_dict() if k not in state}
+        persistent = set(module.state_dict())
         state.update({k: v.detach().cpu().clone() for k, v in module.named_buffers() if k in persistent})
     return state

@@ -22,29 +22,28 @@ def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio:
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def deepspeed_config(cfg: DictConfig, train: bool = True) -> dict:
-    """The DeepSpeed config of a training engine (or, with train=False, of a frozen inference engine)."""
+def deepspeed_config(cfg: DictConfig) -> dict:
+    """The DeepSpeed config of a training engine."""
     hw = cfg.hardware
     zero: dict = {"stage": hw.zero_stage}
     if hw.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=5e7)
         if hw.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
-    if train and cfg.optimizer.offload:
+    if cfg.optimizer.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
     config = {
         "train_micro_batch_size_per_gpu": hw.micro_batch,
-        "gradient_accumulation_steps": grad_accum_steps(cfg) if train else 1,
+        "gradient_accumulation_steps": grad_accum_steps(cfg),
         "zero_optimization": zero,
         "bf16": {"enabled": hw.precision == DType.bf16},
         "fp16": {"enabled": hw.precision == DType.fp16, "loss_scale_window": 100},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        "train_batch_size": cfg.stage.global_batch,
+        "gradient_clipping": cfg.stage.grad_clip,
     }
-    if train:
-        config["train_batch_size"] = cfg.stage.global_batch
-        config["gradient_clipping"] = cfg.stage.grad_clip
     return config
 
 

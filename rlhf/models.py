@@ -182,12 +182,6 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
 
-    def merged(self) -> nn.Linear:
-        """The base Linear with the low-rank update folded into its weight."""
-        with torch.no_grad():
-            self.base.weight += (self.lora_b @ self.lora_a).to(self.base.weight.dtype) * self.scaling
-        return self.base
-
 
 def apply_lora(model: nn.Module, lora_cfg: DictConfig) -> int:
     """Wrap every Linear whose name contains a target substring; return how many were wrapped."""

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf import dist, engine, models
-from rlhf.config import grad_accum_steps
+from rlhf.config import cache_dir, grad_accum_steps
 from rlhf.data import DataError, stage_rows
 from rlhf.data.tokenize import IGNORE_INDEX, PromptFormat, encode_sft, pad_right
 from rlhf.progress import StepLog
@@ -37,13 +37,13 @@ class SFTTrainer:
     def setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.tokenizer = models.load_tokenizer(cfg.model)
+        self.tokenizer = models.load_tokenizer(cfg.model, cache_dir(cfg))
         fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
         train_rows, eval_rows = stage_rows(cfg.data, self.name)
         self.train_examples = self._encode(fmt, train_rows)
         self.eval_examples = self._encode(fmt, eval_rows)
 
-        model = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from)
+        model = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from, cache_dir(cfg))
         self.lora_modules = models.apply_lora(model, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
