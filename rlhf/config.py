@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -115,17 +115,22 @@ class SFTStageConfig:
 
 @dataclass
 class DataSourceConfig:
-    name: str = "builtin"
+    name: str = ""  # `builtin`, or a label for a local file (defaults to the file name)
+    path: str = ""  # a local .jsonl/.json/.csv/.parquet file
+    format: str = ""  # for files: pairs (prompt, chosen, rejected), sft (prompt, answer)
+    columns: dict[str, str] = field(default_factory=dict)  # format field -> the file's column name
     weight: float = 1.0
+    split: Optional[list[float]] = None  # noqa: UP045 (OmegaConf 2.3 needs typing.Optional) — this source's own SFT/reward/PPO shares instead of data.split
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
-    sources: list[DataSourceConfig] = field(default_factory=lambda: [DataSourceConfig()])
+    sources: list[DataSourceConfig] = field(default_factory=lambda: [DataSourceConfig(name="builtin")])
     split: list[float] = field(default_factory=lambda: [2.0, 4.0, 4.0])  # SFT, reward, PPO shares
     eval_fraction: float = 0.1
     seed: int = 1234
+    strict: bool = False  # a bad row is an error naming source, row and field (default: skipped and counted)
     builtin_size: int = 6000
     max_prompt_len: int = 192
     max_answer_len: int = 128
@@ -273,6 +278,19 @@ def validate(cfg: DictConfig) -> None:
     need(len(data.sources) > 0, "data.sources must list at least one source")
     for i, source in enumerate(data.sources):
         need(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be > 0")
+        need(
+            bool(source.path) != (source.name == "builtin"),
+            f"data.sources[{i}] needs either name=builtin or a path (got name={source.name!r}, path={source.path!r})",
+        )
+        need(
+            not source.path or source.format in ("pairs", "sft"),
+            f"data.sources[{i}].format={source.format!r} must be pairs or sft for a file source",
+        )
+        split = source.split
+        need(
+            split is None or (len(split) == 3 and all(x >= 0 for x in split) and sum(split) > 0),
+            f"data.sources[{i}].split={split} must be three non-negative shares with a positive sum",
+        )
     need(
         data.max_prompt_len >= 1 and data.max_answer_len >= 1,
         "data.max_prompt_len and data.max_answer_len must be >= 1",

@@ -7,11 +7,16 @@ data seed, cut into an eval part and a train part, and each part into the per-st
 
 from __future__ import annotations
 
+import logging
 import random
+from pathlib import Path
 
 from omegaconf import DictConfig
 
 from rlhf.data import builtin
+from rlhf.data.sources import read_local
+
+log = logging.getLogger(__name__)
 
 STAGE_INDEX = {"sft": 0, "reward": 1, "ppo": 2}
 
@@ -20,13 +25,36 @@ class DataError(ValueError):
     """Data that cannot be used: the message names the source and what is wrong."""
 
 
+def source_label(source: DictConfig) -> str:
+    return source.name or Path(source.path).name
+
+
 def source_rows(source: DictConfig, data_cfg: DictConfig) -> list[dict]:
-    if source.name == "builtin":
+    """All valid rows of one source; bad rows of a file are skipped and counted (or an error with `data.strict`)."""
+    if source.name == "builtin" and not source.path:
         return [
             {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "family": p.family}
             for p in builtin.generate(data_cfg.builtin_size, data_cfg.seed)
         ]
-    raise DataError(f"data source {source.name!r} is not known (known: builtin)")
+    try:
+        rows, report = read_local(source.path, source.format, dict(source.columns), data_cfg.strict)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data source {source_label(source)}: {err}") from err
+    if report.skipped:
+        log.warning(
+            "data source %s: %d rows kept, %d skipped (%s); first: %s",
+            source_label(source),
+            report.kept,
+            sum(report.skipped.values()),
+            ", ".join(f"{k} {v}" for k, v in report.skipped.items()),
+            report.first_errors[0],
+        )
+    return rows
+
+
+def usable_in(source: DictConfig, stage: str) -> bool:
+    """Rows without a rejected answer serve SFT and PPO prompts, never the reward model."""
+    return not (source.format == "sft" and stage == "reward")
 
 
 def split_shares(count: int, shares: list[float]) -> list[tuple[int, int]]:
@@ -46,11 +74,14 @@ def stage_rows(data_cfg: DictConfig, stage: str) -> tuple[list[dict], list[dict]
     train: list[dict] = []
     evaluation: list[dict] = []
     for source in data_cfg.sources:
+        if not usable_in(source, stage):
+            continue
         rows = source_rows(source, data_cfg)
         random.Random(data_cfg.seed).shuffle(rows)
         n_eval = max(1, round(len(rows) * data_cfg.eval_fraction))
+        shares = list(source.split if source.split is not None else data_cfg.split)
         for part, out in ((rows[:n_eval], evaluation), (rows[n_eval:], train)):
-            start, end = split_shares(len(part), list(data_cfg.split))[index]
+            start, end = split_shares(len(part), shares)[index]
             out.extend(part[start:end])
     if not train:
         raise DataError(

@@ -1,0 +1,121 @@
+"""Local data files in the generic formats: column mapping, row validation with row numbers, stage use."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from rlhf.config import ConfigError, DataConfig, compose
+from rlhf.data import DataError, stage_rows
+from rlhf.data.sources import RowError, read_local
+
+GOOD = {"question": "What is 1 + 1?", "good": "2", "bad": "3"}
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_bytes(b"\n".join(line.encode() if isinstance(line, str) else line for line in lines) + b"\n")
+    return path
+
+
+@pytest.fixture
+def messy_jsonl(tmp_path: Path) -> Path:
+    return write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            json.dumps(GOOD),  # row 1
+            json.dumps({"question": "Q2", "good": "same", "bad": "same"}),  # row 2: chosen == rejected
+            "{not json",  # row 3: undecodable
+            json.dumps({"question": "Q4", "good": "yes"}),  # row 4: missing 'bad'
+            json.dumps({"question": "Q5", "good": 5, "bad": "no"}),  # row 5: wrong type
+            json.dumps({"question": "  ", "good": "a", "bad": "b"}),  # row 6: empty
+            b"\xff\xfe not utf-8",  # row 7: undecodable bytes
+            json.dumps({"question": "Q8", "good": "a", "bad": "b"}),  # row 8
+        ],
+    )
+
+
+COLUMNS = {"prompt": "question", "chosen": "good", "rejected": "bad"}
+
+
+def test_lenient_read_keeps_good_rows_and_counts_the_rest(messy_jsonl: Path) -> None:
+    rows, report = read_local(messy_jsonl, "pairs", COLUMNS, strict=False)
+    assert rows == [
+        {"prompt": "What is 1 + 1?", "chosen": "2", "rejected": "3"},
+        {"prompt": "Q8", "chosen": "a", "rejected": "b"},
+    ]
+    assert report.kept == 2 and sum(report.skipped.values()) == 6
+    assert report.skipped == {
+        "chosen identical to rejected": 1,
+        "undecodable": 2,
+        "missing field": 1,
+        "wrong type": 1,
+        "empty field": 1,
+    }
+
+
+@pytest.mark.parametrize(
+    "keep_lines,row,fragment",
+    [
+        (2, 2, "chosen identical to rejected"),
+        (3, 3, "undecodable"),
+        (4, 4, "missing field: 'bad'"),
+        (5, 5, "wrong type: field 'good' must be a string, got int"),
+        (6, 6, "empty field: 'question'"),
+    ],
+)
+def test_strict_read_names_source_row_and_field(messy_jsonl: Path, keep_lines: int, row: int, fragment: str) -> None:
+    lines = messy_jsonl.read_bytes().split(b"\n")
+    path = write_jsonl(messy_jsonl.with_name("cut.jsonl"), [lines[0], lines[keep_lines - 1]])
+    with pytest.raises(RowError) as err:
+        read_local(path, "pairs", COLUMNS, strict=True)
+    assert f"cut.jsonl: row 2: {fragment}" in str(err.value)
+
+
+def test_csv_and_json_and_sft_format(tmp_path: Path) -> None:
+    with open(tmp_path / "a.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["prompt", "answer"])
+        writer.writeheader()
+        writer.writerow({"prompt": "Hi", "answer": "Hello"})
+        writer.writerow({"prompt": "", "answer": "x"})
+    rows, report = read_local(tmp_path / "a.csv", "sft", {}, strict=False)
+    assert rows == [{"prompt": "Hi", "chosen": "Hello"}] and report.first_errors == [
+        f"{tmp_path / 'a.csv'}: row 3: empty field: 'prompt'"
+    ]
+    (tmp_path / "b.json").write_text(json.dumps([{"prompt": "P", "chosen": "C", "rejected": "R"}, "junk"]))
+    rows, report = read_local(tmp_path / "b.json", "pairs", {}, strict=False)
+    assert len(rows) == 1 and "row 2: wrong type: a row must be an object, got str" in report.first_errors[0]
+
+
+def test_missing_file_and_unknown_format_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        read_local(tmp_path / "none.jsonl", "pairs", {}, strict=False)
+    with pytest.raises(ValueError, match="unknown data format 'dpo'"):
+        read_local(tmp_path / "none.jsonl", "dpo", {}, strict=False)
+
+
+def test_mix_of_builtin_and_local_sft_file(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "sft.jsonl", [json.dumps({"prompt": f"P{i}", "answer": f"A{i}"}) for i in range(50)])
+    data = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "name": "mix",
+            "builtin_size": 300,
+            "sources": [{"name": "builtin"}, {"path": str(path), "format": "sft", "split": [1, 0, 0]}],
+        },
+    )
+    sft_train, sft_eval = stage_rows(data, "sft")
+    assert sum(r["prompt"].startswith("P") for r in sft_train + sft_eval) == 50  # the whole file goes to SFT
+    reward_train, _ = stage_rows(data, "reward")
+    assert not any(r["prompt"].startswith("P") for r in reward_train)  # no rejected answers: never for the RM
+
+
+def test_bad_source_configs_fail_validation_and_missing_files_fail_loading(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].format='dpo' must be pairs or sft"):
+        compose([f"data.sources=[{{name: builtin}},{{path: {tmp_path}/x.jsonl, format: dpo}}]"])
+    cfg = compose([f"data.sources=[{{path: {tmp_path}/x.jsonl, format: pairs}}]"])
+    with pytest.raises(DataError, match="data source x.jsonl: data file not found"):
+        stage_rows(cfg.data, "sft")
