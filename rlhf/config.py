@@ -15,6 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from rlhf.data.formats import ADAPTERS
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 RESOLVED_CONFIG_NAME = "config.resolved.yaml"
 
@@ -278,13 +280,15 @@ def validate(cfg: DictConfig) -> None:
     need(len(data.sources) > 0, "data.sources must list at least one source")
     for i, source in enumerate(data.sources):
         need(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be > 0")
+        known = ("pairs", "sft", *ADAPTERS)
         need(
-            bool(source.path) != (source.name == "builtin"),
-            f"data.sources[{i}] needs either name=builtin or a path (got name={source.name!r}, path={source.path!r})",
+            bool(source.path) or source.name == "builtin" or source.name in ADAPTERS,
+            f"data.sources[{i}].name={source.name!r} is neither builtin, a known dataset ({', '.join(ADAPTERS)}) "
+            "nor given a path",
         )
         need(
-            not source.path or source.format in ("pairs", "sft"),
-            f"data.sources[{i}].format={source.format!r} must be pairs or sft for a file source",
+            not source.path or source.format in known,
+            f"data.sources[{i}].format={source.format!r} must be one of {', '.join(known)} for a local source",
         )
         split = source.split
         need(

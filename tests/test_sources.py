@@ -114,7 +114,9 @@ def test_mix_of_builtin_and_local_sft_file(tmp_path: Path) -> None:
 
 
 def test_bad_source_configs_fail_validation_and_missing_files_fail_loading(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"data.sources\[1\].format='dpo' must be pairs or sft"):
+    with pytest.raises(
+        ConfigError, match=r"data.sources\[1\].format='dpo' must be one of pairs, sft, Anthropic/hh-rlhf"
+    ):
         compose([f"data.sources=[{{name: builtin}},{{path: {tmp_path}/x.jsonl, format: dpo}}]"])
     cfg = compose([f"data.sources=[{{path: {tmp_path}/x.jsonl, format: pairs}}]"])
     with pytest.raises(DataError, match="data source x.jsonl: data file not found"):

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rlhf.data import builtin
-from rlhf.data.sources import read_local
+from rlhf.data.sources import FORMAT_FIELDS, read_adapted, read_local
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,13 @@ def source_rows(source: DictConfig, data_cfg: DictConfig) -> list[dict]:
             for p in builtin.generate(data_cfg.builtin_size, data_cfg.seed)
         ]
     try:
-        rows, report = read_local(source.path, source.format, dict(source.columns), data_cfg.strict)
+        if source.path and source.format in FORMAT_FIELDS:
+            rows, report = read_local(source.path, source.format, dict(source.columns), data_cfg.strict)
+        else:
+            from_hub = not source.path
+            rows, report = read_adapted(
+                source.path or source.name, source.format or source.name, from_hub, data_cfg.strict
+            )
     except (OSError, ValueError) as err:
         raise DataError(f"data source {source_label(source)}: {err}") from err
     if report.skipped:
@@ -78,9 +84,13 @@ def stage_rows(data_cfg: DictConfig, stage: str) -> tuple[list[dict], list[dict]
             continue
         rows = source_rows(source, data_cfg)
         random.Random(data_cfg.seed).shuffle(rows)
-        n_eval = max(1, round(len(rows) * data_cfg.eval_fraction))
+        if any(row.get("split") == "eval" for row in rows):  # the dataset's own train/eval split
+            parts = ([r for r in rows if r["split"] == "eval"], [r for r in rows if r["split"] != "eval"])
+        else:
+            n_eval = max(1, round(len(rows) * data_cfg.eval_fraction))
+            parts = (rows[:n_eval], rows[n_eval:])
         shares = list(source.split if source.split is not None else data_cfg.split)
-        for part, out in ((rows[:n_eval], evaluation), (rows[n_eval:], train)):
+        for part, out in zip(parts, (evaluation, train), strict=True):
             start, end = split_shares(len(part), shares)[index]
             out.extend(part[start:end])
     if not train:

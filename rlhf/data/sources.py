@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rlhf.data.formats import ADAPTERS
 
 FORMAT_FIELDS = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "answer"), "text": ("text",)}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -109,5 +111,64 @@ def read_local(path: str | Path, fmt: str, columns: Mapping[str, str], strict: b
             if strict:
                 raise
             report.skip(err)
+    report.kept = len(rows)
+    return rows, report
+
+
+def load_splits(location: str, from_hub: bool) -> dict[str, Iterable]:
+    """The raw rows of a published dataset by split: from the hub, a `save_to_disk` folder, DeepSpeed-Chat's
+    local layout (data/train.json, data/eval.json), a folder of data files named by split, or one file."""
+    import datasets
+
+    if from_hub:
+        return dict(datasets.load_dataset(location))
+    path = Path(location).expanduser()
+    if path.is_file():
+        return {"train": (raw for _, raw in raw_rows(path))}
+    if not path.is_dir():
+        raise FileNotFoundError(f"data path not found: {path}")
+    if (path / "dataset_dict.json").is_file():
+        return dict(datasets.load_from_disk(str(path)))
+    if (path / "dataset_info.json").is_file():
+        return {"train": datasets.load_from_disk(str(path))}
+    if (path / "data" / "train.json").is_file():
+        return {
+            split: json.loads((path / "data" / f"{split}.json").read_text(encoding="utf-8"))
+            for split in ("train", "eval")
+            if (path / "data" / f"{split}.json").is_file()
+        }
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(
+            f"{path}: no dataset there (a save_to_disk folder, data/train.json, or .parquet/.json/.jsonl/.csv files)"
+        )
+    splits: dict[str, list] = {}
+    for file in files:
+        split = "train" if file.name.startswith("train") else "eval"
+        splits.setdefault(split, []).extend(raw for _, raw in raw_rows(file))
+    return splits
+
+
+def read_adapted(location: str, fmt: str, from_hub: bool, strict: bool) -> tuple[list[dict], ReadReport]:
+    """Every usable row of a published dataset through its adapter; each row keeps its split (train or eval)."""
+    adapter = ADAPTERS[fmt]
+    rows: list[dict] = []
+    report = ReadReport()
+    for split, records in load_splits(location, from_hub).items():
+        for number, raw in enumerate(records, start=1):
+            try:
+                if isinstance(raw, RowError):
+                    raise raw
+                try:
+                    row = adapter(raw)
+                except (ValueError, AttributeError, TypeError) as err:
+                    raise RowError(f"{location} [{split}]", number, str(err)) from err
+            except RowError as err:
+                if strict:
+                    raise
+                report.skip(err)
+                continue
+            row["split"] = "train" if split == "train" else "eval"
+            rows.append(row)
     report.kept = len(rows)
     return rows, report

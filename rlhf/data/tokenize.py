@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 IGNORE_INDEX = -100
+Prompt = str | list[dict[str, str]]  # a plain instruction or a multi-turn transcript ending with a user turn
 
 
 @dataclass
@@ -25,16 +26,22 @@ class PromptFormat:
         use_chat = data_cfg.template == "chat" or (data_cfg.template == "auto" and has_chat)
         return cls(use_chat=use_chat, plain_template=data_cfg.plain_template)
 
-    def prompt_text(self, tokenizer, prompt: str) -> str:
+    def prompt_text(self, tokenizer, prompt: Prompt) -> str:
+        messages = as_messages(prompt)
         if self.use_chat:
-            messages = [{"role": "user", "content": prompt}]
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.plain_template.format(prompt=prompt)
+        text = ""
+        for turn in messages:
+            if turn["role"] == "user":
+                text += self.plain_template.format(prompt=turn["content"])
+            elif turn["role"] == "assistant":
+                text += " " + turn["content"]
+        return text
 
-    def answer_text(self, tokenizer, prompt: str, answer: str) -> str:
+    def answer_text(self, tokenizer, prompt: Prompt, answer: str) -> str:
         """The text that follows `prompt_text` for this answer, ending with the end-of-turn marker."""
         if self.use_chat:
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            messages = [*as_messages(prompt), {"role": "assistant", "content": answer}]
             full = tokenizer.apply_chat_template(messages, tokenize=False)
             head = self.prompt_text(tokenizer, prompt)
             if not full.startswith(head):
@@ -43,7 +50,12 @@ class PromptFormat:
         return " " + answer + tokenizer.eos_token
 
 
-def encode_sft(tokenizer, fmt: PromptFormat, prompt: str, answer: str, data_cfg: DictConfig) -> dict | None:
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    """A prompt as chat messages: a plain string is one user turn; transcripts keep their turns."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def encode_sft(tokenizer, fmt: PromptFormat, prompt: Prompt, answer: str, data_cfg: DictConfig) -> dict | None:
     """input_ids and labels (prompt tokens masked) for one example; None when nothing of the answer fits."""
     prompt_ids = tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(fmt.answer_text(tokenizer, prompt, answer), add_special_tokens=False)["input_ids"]
