@@ -107,10 +107,32 @@ def test_mix_of_builtin_and_local_sft_file(tmp_path: Path) -> None:
             "sources": [{"name": "builtin"}, {"path": str(path), "format": "sft", "split": [1, 0, 0]}],
         },
     )
-    sft_train, sft_eval = stage_rows(data, "sft")
-    assert sum(r["prompt"].startswith("P") for r in sft_train + sft_eval) == 50  # the whole file goes to SFT
-    reward_train, _ = stage_rows(data, "reward")
-    assert not any(r["prompt"].startswith("P") for r in reward_train)  # no rejected answers: never for the RM
+    sft = stage_rows(data, "sft")
+    assert len({r["prompt"] for r in sft.train + sft.eval if r["prompt"].startswith("P")}) == 50  # all go to SFT
+    reward = stage_rows(data, "reward")
+    assert not any(r["prompt"].startswith("P") for r in reward.train)  # no rejected answers: never for the RM
+    assert set(reward.counts) == {"builtin"}
+
+
+def test_blend_follows_the_weights(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        rows = [json.dumps({"prompt": f"{name}{i}", "chosen": "x", "rejected": "y"}) for i in range(1000)]
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    data = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "name": "blend",
+            "split": [1, 0, 0],
+            "sources": [
+                {"path": str(tmp_path / "a.jsonl"), "format": "pairs", "weight": 3.0},
+                {"path": str(tmp_path / "b.jsonl"), "format": "pairs", "weight": 1.0},
+            ],
+        },
+    )
+    sft = stage_rows(data, "sft")
+    share_a = sum(r["prompt"].startswith("a") for r in sft.train) / len(sft.train)
+    assert abs(share_a - 0.75) < 0.01 and sft.counts == {"a.jsonl": 1350, "b.jsonl": 450}
+    assert len({r["prompt"] for r in sft.train if r["prompt"].startswith("a")}) == 900  # all of a, some twice
 
 
 def test_bad_source_configs_fail_validation_and_missing_files_fail_loading(tmp_path: Path) -> None:
@@ -121,3 +143,14 @@ def test_bad_source_configs_fail_validation_and_missing_files_fail_loading(tmp_p
     cfg = compose([f"data.sources=[{{path: {tmp_path}/x.jsonl, format: pairs}}]"])
     with pytest.raises(DataError, match="data source x.jsonl: data file not found"):
         stage_rows(cfg.data, "sft")
+
+
+def test_inspection_report_shows_counts_skips_and_examples(messy_jsonl: Path) -> None:
+    from rlhf.data.inspect import report
+
+    source = f"{{path: {messy_jsonl}, format: pairs, columns: {{prompt: question, chosen: good, rejected: bad}}}}"
+    text = report(["model=tiny", "data.builtin_size=600", f"data.sources=[{{name: builtin}},{source}]"])
+    assert "| mine.jsonl | 1 | 2 | chosen identical to rejected 1, undecodable 2, missing field 1" in text
+    assert "| builtin | 108 | 108 | 216 |" in text  # mine.jsonl's one training row lands in the reward share
+    assert "| mine.jsonl | 0 | 108 | 0 |" in text  # equal weights: repeated to half of the reward mix
+    assert "<|im_start|>assistant" in text and "--- rejected:" in text

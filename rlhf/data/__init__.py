@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import DictConfig
 
 from rlhf.data import builtin
-from rlhf.data.sources import FORMAT_FIELDS, read_adapted, read_local
+from rlhf.data.sources import FORMAT_FIELDS, ReadReport, read_adapted, read_local
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,14 @@ def source_label(source: DictConfig) -> str:
     return source.name or Path(source.path).name
 
 
-def source_rows(source: DictConfig, data_cfg: DictConfig) -> list[dict]:
-    """All valid rows of one source; bad rows of a file are skipped and counted (or an error with `data.strict`)."""
+def source_rows(source: DictConfig, data_cfg: DictConfig) -> tuple[list[dict], ReadReport]:
+    """All valid rows of one source and how many were skipped (bad rows are an error with `data.strict`)."""
     if source.name == "builtin" and not source.path:
-        return [
+        rows = [
             {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "family": p.family}
             for p in builtin.generate(data_cfg.builtin_size, data_cfg.seed)
         ]
+        return rows, ReadReport(kept=len(rows))
     try:
         if source.path and source.format in FORMAT_FIELDS:
             rows, report = read_local(source.path, source.format, dict(source.columns), data_cfg.strict)
@@ -55,7 +57,7 @@ def source_rows(source: DictConfig, data_cfg: DictConfig) -> list[dict]:
             ", ".join(f"{k} {v}" for k, v in report.skipped.items()),
             report.first_errors[0],
         )
-    return rows
+    return rows, report
 
 
 def usable_in(source: DictConfig, stage: str) -> bool:
@@ -74,28 +76,74 @@ def split_shares(count: int, shares: list[float]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def stage_rows(data_cfg: DictConfig, stage: str) -> tuple[list[dict], list[dict]]:
-    """(train, eval) rows of the mix for `stage`, deterministic for `data.seed`."""
+class StageData(NamedTuple):
+    train: list[dict]
+    eval: list[dict]
+    counts: dict[str, int]  # training rows drawn from each source
+
+
+def blend_counts(available: list[int], weights: list[float]) -> list[int]:
+    """Rows to draw from each source so the mix follows the weights; the mix is as large as its sources together.
+    A source with no rows for the stage takes no share."""
+    active = [w if n else 0.0 for n, w in zip(available, weights, strict=True)]
+    total_weight = sum(active)
+    if total_weight == 0:
+        return [0] * len(available)
+    return [round(sum(available) * w / total_weight) for w in active]
+
+
+def blend(parts: list[list[dict]], weights: list[float], rng: random.Random) -> tuple[list[dict], list[int]]:
+    """The weighted mix of `parts`: a source short of its share is repeated, one with more is subsampled."""
+    counts = blend_counts([len(p) for p in parts], weights)
+    mix: list[dict] = []
+    for rows, count in zip(parts, counts, strict=True):
+        if rows:
+            repeats, rest = divmod(count, len(rows))
+            mix.extend(rows * repeats + rng.sample(rows, rest))
+    rng.shuffle(mix)
+    return mix, counts
+
+
+def stage_rows(data_cfg: DictConfig, stage: str) -> StageData:
+    """The (train, eval) rows of the mix for `stage`, deterministic for `data.seed`, with the per-source counts.
+
+    Each source is split on its own (its dataset's train/eval split, else `data.eval_fraction`), each part cut by
+    the per-stage shares; the training parts are then blended by the sources' weights. Eval rows are not blended.
+    """
     index = STAGE_INDEX[stage]
-    train: list[dict] = []
+    train_parts: list[list[dict]] = []
     evaluation: list[dict] = []
+    labels: list[str] = []
+    weights: list[float] = []
     for source in data_cfg.sources:
         if not usable_in(source, stage):
             continue
-        rows = source_rows(source, data_cfg)
+        rows, _ = source_rows(source, data_cfg)
         random.Random(data_cfg.seed).shuffle(rows)
         if any(row.get("split") == "eval" for row in rows):  # the dataset's own train/eval split
-            parts = ([r for r in rows if r["split"] == "eval"], [r for r in rows if r["split"] != "eval"])
+            eval_part = [r for r in rows if r["split"] == "eval"]
+            train_part = [r for r in rows if r["split"] != "eval"]
         else:
             n_eval = max(1, round(len(rows) * data_cfg.eval_fraction))
-            parts = (rows[:n_eval], rows[n_eval:])
+            eval_part, train_part = rows[:n_eval], rows[n_eval:]
         shares = list(source.split if source.split is not None else data_cfg.split)
-        for part, out in zip(parts, (evaluation, train), strict=True):
-            start, end = split_shares(len(part), shares)[index]
-            out.extend(part[start:end])
+        start, end = split_shares(len(eval_part), shares)[index]
+        evaluation.extend(eval_part[start:end])
+        start, end = split_shares(len(train_part), shares)[index]
+        train_parts.append(train_part[start:end])
+        labels.append(source_label(source))
+        weights.append(source.weight)
+    train, drawn = blend(train_parts, weights, random.Random(data_cfg.seed + index))
     if not train:
         raise DataError(
             f"the data mix {data_cfg.name!r} leaves no training rows for stage {stage} "
             f"(data.split={list(data_cfg.split)})"
         )
-    return train, evaluation
+    counts = dict(zip(labels, drawn, strict=True))
+    log.info(
+        "data mix for %s: %s; %d eval rows",
+        stage,
+        ", ".join(f"{k} {n} ({n / len(train):.1%})" for k, n in counts.items()),
+        len(evaluation),
+    )
+    return StageData(train, evaluation, counts)

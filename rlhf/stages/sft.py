@@ -39,9 +39,10 @@ class SFTTrainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = models.load_tokenizer(cfg.model, cache_dir(cfg))
         fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
-        train_rows, eval_rows = stage_rows(cfg.data, self.name)
-        self.train_examples = self._encode(fmt, train_rows)
-        self.eval_examples = self._encode(fmt, eval_rows)
+        data = stage_rows(cfg.data, self.name)
+        self.train_examples = self._encode(fmt, data.train)
+        self.eval_examples = self._encode(fmt, data.eval)
+        self.tracker.summary({f"data/{self.name}/{source}": n for source, n in data.counts.items()})
 
         model = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from, cache_dir(cfg))
         self.lora_modules = models.apply_lora(model, cfg.model.lora)
