@@ -133,6 +133,7 @@ class DataConfig:
     eval_fraction: float = 0.1
     seed: int = 1234
     strict: bool = False  # a bad row is an error naming source, row and field (default: skipped and counted)
+    rebuild: bool = False  # rebuild the processed-data cache entry even when it exists
     builtin_size: int = 6000
     max_prompt_len: int = 192
     max_answer_len: int = 128

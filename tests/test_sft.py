@@ -51,6 +51,7 @@ def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
     assert summary["eval_loss"] < summary["eval_loss_start"] - 0.5, summary
     assert summary["last_loss_mean"] < summary["first_loss_mean"] - 0.5, summary
     assert "sft step 30/30" in result.stderr + result.stdout  # the step log with rates and ETA
+    assert "data cache" in result.stderr + result.stdout  # hit or miss, logged
 
     final = run_dir / "sft" / "final"
     assert (final / "model.safetensors").is_file() and not list(run_dir.glob("sft/final.tmp-*"))

@@ -154,3 +154,38 @@ def test_inspection_report_shows_counts_skips_and_examples(messy_jsonl: Path) ->
     assert "| builtin | 108 | 108 | 216 |" in text  # mine.jsonl's one training row lands in the reward share
     assert "| mine.jsonl | 0 | 108 | 0 |" in text  # equal weights: repeated to half of the reward mix
     assert "<|im_start|>assistant" in text and "--- rejected:" in text
+
+
+def test_processed_data_cache_hits_and_misses(tmp_path: Path, messy_jsonl: Path) -> None:
+    from rlhf.data.cache import cache_key, cached
+
+    class Tok:
+        name_or_path, pad_token, eos_token, chat_template = "tok", "<p>", "<e>", "t"
+
+        def __len__(self) -> int:
+            return 10
+
+    tok = Tok()
+    data = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "name": "x",
+            "sources": [{"path": str(messy_jsonl), "format": "pairs", "columns": COLUMNS}],
+        },
+    )
+    builds = []
+
+    def build() -> dict:
+        builds.append(1)
+        return {"train": [{"input_ids": [1, 2]}], "counts": {"mine.jsonl": 1}}
+
+    key = cache_key(data, "sft", tok)
+    assert cached(tmp_path, key, build) == (build(), False)
+    assert cached(tmp_path, key, build)[1] is True
+    assert cached(tmp_path, key, build, rebuild=True)[1] is False
+    assert cache_key(data, "reward", tok) != key
+    assert cache_key(OmegaConf.merge(data, {"seed": 1}), "sft", tok) != key
+    assert cache_key(OmegaConf.merge(data, {"rebuild": True}), "sft", tok) == key
+    messy_jsonl.write_bytes(messy_jsonl.read_bytes() + json.dumps(GOOD).encode() + b"\n")
+    assert cache_key(data, "sft", tok) != key  # the file changed
+    assert not list((tmp_path / "data").glob("*.tmp-*"))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from rlhf import dist, engine, models
 from rlhf.config import cache_dir, grad_accum_steps
 from rlhf.data import DataError, stage_rows
+from rlhf.data.cache import cache_key, cached
 from rlhf.data.tokenize import IGNORE_INDEX, PromptFormat, encode_sft, pad_right
 from rlhf.progress import StepLog
 from rlhf.tracking import Tracker
@@ -38,11 +39,9 @@ class SFTTrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.tokenizer = models.load_tokenizer(cfg.model, cache_dir(cfg))
-        fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
-        data = stage_rows(cfg.data, self.name)
-        self.train_examples = self._encode(fmt, data.train)
-        self.eval_examples = self._encode(fmt, data.eval)
-        self.tracker.summary({f"data/{self.name}/{source}": n for source, n in data.counts.items()})
+        processed = self._processed_data()
+        self.train_examples, self.eval_examples = processed["train"], processed["eval"]
+        self.tracker.summary({f"data/{self.name}/{source}": n for source, n in processed["counts"].items()})
 
         model = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from, cache_dir(cfg))
         self.lora_modules = models.apply_lora(model, cfg.model.lora)
@@ -81,6 +80,24 @@ class SFTTrainer:
             self.micro_batch,
             self.world,
         )
+
+    def _processed_data(self) -> dict:
+        """Tokenised train/eval examples and source counts, from the data cache: rank 0 builds (or rebuilds),
+        the other ranks read what it wrote."""
+        cfg = self.cfg
+
+        def build() -> dict:
+            fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
+            data = stage_rows(cfg.data, self.name)
+            return {"train": self._encode(fmt, data.train), "eval": self._encode(fmt, data.eval), "counts": data.counts}
+
+        key = cache_key(cfg.data, self.name, self.tokenizer)
+        if self.rank == 0:
+            processed, _ = cached(cache_dir(cfg), key, build, rebuild=cfg.data.rebuild)
+        dist.barrier()
+        if self.rank != 0:
+            processed, _ = cached(cache_dir(cfg), key, build)
+        return processed
 
     def _encode(self, fmt: PromptFormat, rows: list[dict]) -> list[dict]:
         encoded = [encode_sft(self.tokenizer, fmt, r["prompt"], r["chosen"], self.cfg.data) for r in rows]
