@@ -1,6 +1,6 @@
 """Local data files in the generic formats, read row by row with validation that names the file, row and field.
 
-Formats: `pairs` (prompt, chosen, rejected), `sft` (prompt, answer) and `text` (text), each with a `columns` mapping
+Formats: `pairs` (prompt, chosen, rejected) and `sft` (prompt, answer), each with a `columns` mapping
 from these names to the file's own column names. Files: .jsonl, .json (a list of objects), .csv, .parquet.
 A bad row (undecodable line, missing or empty field, wrong type, chosen identical to rejected) is skipped and
 counted, or with `strict` an error naming the source, the row number and the field.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rlhf.data.formats import ADAPTERS
 
-FORMAT_FIELDS = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "answer"), "text": ("text",)}
+FORMAT_FIELDS = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "answer")}
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
