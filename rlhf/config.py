@@ -117,9 +117,9 @@ class SFTStageConfig:
 
 @dataclass
 class DataSourceConfig:
-    name: str = ""  # `builtin`, or a label for a local file (defaults to the file name)
-    path: str = ""  # a local .jsonl/.json/.csv/.parquet file
-    format: str = ""  # for files: pairs (prompt, chosen, rejected), sft (prompt, answer)
+    name: str = ""  # `builtin`, a hub dataset, or a label for a local file (defaults to the file name)
+    path: str = ""  # a local file (.jsonl/.json/.csv/.parquet, .txt for text) or dataset folder
+    format: str = ""  # a known dataset's schema, or pairs (prompt, chosen, rejected), sft (prompt, answer), text
     columns: dict[str, str] = field(default_factory=dict)  # format field -> the file's column name
     weight: float = 1.0
     split: Optional[list[float]] = None  # noqa: UP045 (OmegaConf 2.3 needs typing.Optional) — this source's own SFT/reward/PPO shares instead of data.split
@@ -139,6 +139,8 @@ class DataConfig:
     max_answer_len: int = 128
     template: str = "auto"  # auto: the tokenizer's chat template if it has one, else `plain_template`
     plain_template: str = " Human: {prompt} Assistant:"
+    # pre-training text for PPO's PTX loss (off while it has no path or name), e.g. data.ptx.path=corpus.txt
+    ptx: DataSourceConfig = field(default_factory=lambda: DataSourceConfig(format="text"))
 
 
 @dataclass
@@ -279,23 +281,29 @@ def validate(cfg: DictConfig) -> None:
     )
     need(0 < data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction} must be in (0, 1)")
     need(len(data.sources) > 0, "data.sources must list at least one source")
+    generic = ("pairs", "sft", "text")
     for i, source in enumerate(data.sources):
         need(source.weight > 0, f"data.sources[{i}].weight={source.weight} must be > 0")
-        known = ("pairs", "sft", *ADAPTERS)
         need(
-            bool(source.path) or source.name == "builtin" or source.name in ADAPTERS,
-            f"data.sources[{i}].name={source.name!r} is neither builtin, a known dataset ({', '.join(ADAPTERS)}) "
-            "nor given a path",
+            bool(source.path) or source.name == "builtin" or source.name in ADAPTERS or source.format in generic,
+            f"data.sources[{i}].name={source.name!r} is neither builtin, a known dataset ({', '.join(ADAPTERS)}), "
+            "a hub dataset with a generic format, nor given a path",
         )
         need(
-            not source.path or source.format in known,
-            f"data.sources[{i}].format={source.format!r} must be one of {', '.join(known)} for a local source",
+            not source.path or source.format in (*generic, *ADAPTERS),
+            f"data.sources[{i}].format={source.format!r} must be one of {', '.join((*generic, *ADAPTERS))} "
+            "for a local source",
+        )
+        need(
+            source.format != "text",
+            f"data.sources[{i}].format=text: plain text feeds only PPO's PTX loss; set it as data.ptx",
         )
         split = source.split
         need(
             split is None or (len(split) == 3 and all(x >= 0 for x in split) and sum(split) > 0),
             f"data.sources[{i}].split={split} must be three non-negative shares with a positive sum",
         )
+    need(data.ptx.format == "text", f"data.ptx.format={data.ptx.format!r}: the PTX source must be format text")
     need(
         data.max_prompt_len >= 1 and data.max_answer_len >= 1,
         "data.max_prompt_len and data.max_answer_len must be >= 1",

@@ -31,14 +31,14 @@ SAMPLES = {
         {"prompt": "What is 2 + 2?", "chosen": None, "rejected": "It is 5."},
     ),
     "yitingxie/rlhf-reward-datasets": (
-        {"prompt": HH, "chosen": "Assistant: It is 4.", "rejected": "Assistant: It is 5."},
+        {"prompt": HH[: -len("\n\nAssistant:")], "chosen": "Assistant: It is 4.", "rejected": "Assistant: It is 5."},
         {"prompt": 7, "chosen": "Assistant: a", "rejected": "Assistant: b"},
     ),
     "openai/webgpt_comparisons": (
         {
             "question": {"full_text": "What is 2 + 2?"},
             "answer_0": "It is 5 [1].",
-            "answer_1": "It is 4 (source).",
+            "answer_1": "It is 4 [2][3].",
             "score_0": -1.0,
             "score_1": 1.0,
         },
@@ -100,11 +100,40 @@ def test_local_copies_load_with_their_splits(tmp_path: Path, layout: str) -> Non
 
 def test_deepspeed_chat_local_jsonfile_layout(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
-    row = {"prompt": "Human: Hi Assistant:", "chosen": "Hello", "rejected": "Go away"}
+    row = {"prompt": " Human: Hi Assistant:", "chosen": "Hello", "rejected": "Go away"}
     (tmp_path / "data" / "train.json").write_text(json.dumps([row, row]))
-    (tmp_path / "data" / "eval.json").write_text(json.dumps([row]))
+    (tmp_path / "data" / "eval.json").write_text(json.dumps({**row, "prompt": "Say hi."}) + "\n")  # JSON Lines
     rows, _ = read_adapted(str(tmp_path), "local/jsonfile", from_hub=False, strict=True)
     assert [r["split"] for r in rows] == ["train", "train", "eval"]
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Hi"}]
+    assert rows[2]["prompt"] == [{"role": "user", "content": "Say hi."}]
+
+
+def test_eval_split_prefers_validation_and_adapted_rows_are_checked(tmp_path: Path) -> None:
+    good = SAMPLES["stanfordnlp/SHP"][0]
+    same = {**good, "human_ref_B": good["human_ref_A"]}
+    (tmp_path / "shp" / "askscience").mkdir(parents=True)
+    for name, rows in [("train.json", [good, same]), ("validation.json", [good]), ("test.json", [good, good])]:
+        (tmp_path / "shp" / "askscience" / name).write_text("\n".join(json.dumps(r) for r in rows))
+    rows, report = read_adapted(str(tmp_path / "shp"), "stanfordnlp/SHP", from_hub=False, strict=False)
+    assert [r["split"] for r in rows] == ["train", "eval"]  # validation is the eval split; test is left out
+    assert report.skipped == {"chosen identical to rejected": 1}
+
+
+def test_hh_transcripts_must_share_their_history() -> None:
+    with pytest.raises(ValueError, match="differ before their last answer"):
+        ADAPTERS["Anthropic/hh-rlhf"]({"chosen": HH + " It is 4.", "rejected": "\n\nHuman: Other\n\nAssistant: 5"})
+
+
+def test_hub_load_failure_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    def script_dataset(name: str) -> None:
+        raise RuntimeError("Dataset scripts are no longer supported, but found webgpt_comparisons.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", script_dataset)
+    with pytest.raises(ValueError, match="cannot load 'openai/webgpt_comparisons' from the hub.*point the source's"):
+        read_adapted("openai/webgpt_comparisons", "openai/webgpt_comparisons", from_hub=True, strict=False)
 
 
 def test_transcript_prompt_renders_every_turn_with_the_chat_template() -> None:

@@ -136,3 +136,25 @@ def test_sft_on_the_embedded_model(tmp_path: Path) -> None:
     summary = read_summary(single_run_dir(tmp_path), "sft")
     assert summary["params"] > 100_000_000 and summary["steps"] == 4
     assert summary["eval_loss"] < summary["eval_loss_start"]
+
+
+def test_sft_trains_on_a_blend_of_builtin_and_a_local_jsonl(tmp_path: Path) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": f"Echo {i}"}, {"role": "assistant", "content": f"{i}"}]}
+        for i in range(40)
+    ]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    source = f"{{path: {tmp_path}/mine.jsonl, format: sft, split: [1, 0, 0]}}"
+    result = run_cli(
+        [
+            "experiment=quickstart",
+            "stage.max_steps=2",
+            "data.builtin_size=400",
+            f"data.sources=[{{name: builtin}},{source}]",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = wandb_runs(single_run_dir(tmp_path))[0]
+    summary = inspect_wandb(run)["summary"]
+    assert summary["data/sft/builtin"] == summary["data/sft/mine.jsonl"] == 54  # (72 + 36) rows, half each

@@ -137,7 +137,7 @@ def test_blend_follows_the_weights(tmp_path: Path) -> None:
 
 def test_bad_source_configs_fail_validation_and_missing_files_fail_loading(tmp_path: Path) -> None:
     with pytest.raises(
-        ConfigError, match=r"data.sources\[1\].format='dpo' must be one of pairs, sft, Anthropic/hh-rlhf"
+        ConfigError, match=r"data.sources\[1\].format='dpo' must be one of pairs, sft, text, Anthropic/hh-rlhf"
     ):
         compose([f"data.sources=[{{name: builtin}},{{path: {tmp_path}/x.jsonl, format: dpo}}]"])
     cfg = compose([f"data.sources=[{{path: {tmp_path}/x.jsonl, format: pairs}}]"])
@@ -189,3 +189,83 @@ def test_processed_data_cache_hits_and_misses(tmp_path: Path, messy_jsonl: Path)
     messy_jsonl.write_bytes(messy_jsonl.read_bytes() + json.dumps(GOOD).encode() + b"\n")
     assert cache_key(data, "sft", tok) != key  # the file changed
     assert not list((tmp_path / "data").glob("*.tmp-*"))
+
+
+USER = {"role": "user", "content": "Name a colour."}
+
+
+def test_chat_message_rows_in_pairs_and_sft_formats(tmp_path: Path) -> None:
+    reply = [{"role": "assistant", "content": "Blue."}]
+    worse = [{"role": "assistant", "content": "No."}]
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            json.dumps({"prompt": [USER], "chosen": reply, "rejected": worse}),  # row 1: conversational, explicit
+            json.dumps({"chosen": [USER, *reply], "rejected": [USER, *worse]}),  # row 2: the prompt implicit
+            json.dumps({"prompt": [USER, *reply], "chosen": "a", "rejected": "b"}),  # row 3: prompt ends with answer
+            json.dumps({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}),  # row 4
+            json.dumps({"prompt": "Plain?", "chosen": reply, "rejected": "No."}),  # row 5: mixed, same answer text
+        ],
+    )
+    rows, report = read_local(path, "pairs", {}, strict=False)
+    assert rows == [{"prompt": [USER], "chosen": "Blue.", "rejected": "No."}] * 2 + [
+        {"prompt": "Plain?", "chosen": "Blue.", "rejected": "No."}
+    ]
+    assert report.first_errors == [
+        f"{path}: row 3: wrong type: the prompt in 'prompt' must end with a user turn",
+        f"{path}: row 4: wrong type: prompt[0] must be {{role, content}}",
+    ]
+    sft = write_jsonl(
+        tmp_path / "sft.jsonl",
+        [
+            json.dumps({"messages": [{"role": "system", "content": "Be brief."}, USER, *reply]}),
+            json.dumps({"messages": [USER]}),
+            json.dumps({"prompt": [USER], "answer": reply}),
+        ],
+    )
+    rows, report = read_local(sft, "sft", {}, strict=False)
+    assert rows == [
+        {"prompt": [{"role": "system", "content": "Be brief."}, USER], "chosen": "Blue."},
+        {"prompt": [USER], "chosen": "Blue."},
+    ]
+    assert report.first_errors == [f"{sft}: row 2: wrong type: field 'messages' must be a list of 2 or more turns"]
+
+
+def test_text_format_reads_documents_and_feeds_only_ptx(tmp_path: Path) -> None:
+    from rlhf.data import ptx_texts
+
+    (tmp_path / "corpus.txt").write_text("First document,\non two lines.\n\n\n  Second one.  \n")
+    rows, _ = read_local(tmp_path / "corpus.txt", "text", {}, strict=True)
+    assert rows == [{"text": "First document,\non two lines."}, {"text": "Second one."}]
+    write_jsonl(tmp_path / "c.jsonl", [json.dumps({"body": "Doc A"}), json.dumps({"body": 3})])
+    rows, report = read_local(tmp_path / "c.jsonl", "text", {"text": "body"}, strict=False)
+    assert rows == [{"text": "Doc A"}] and "row 2: wrong type: field 'body'" in report.first_errors[0]
+    with pytest.raises(ValueError, match="can only be read with format text"):
+        read_local(tmp_path / "corpus.txt", "pairs", {}, strict=False)
+
+    cfg = compose(["model=tiny", f"data.ptx.path={tmp_path}/corpus.txt"])
+    assert sorted(ptx_texts(cfg.data)) == ["First document,\non two lines.", "Second one."]
+    assert ptx_texts(compose(["model=tiny"]).data) == []
+    with pytest.raises(ConfigError, match="data.ptx.format='pairs': the PTX source must be format text"):
+        compose([f"data.ptx={{path: {tmp_path}/corpus.txt, format: pairs}}"])
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].format=text: plain text feeds only PPO's PTX loss"):
+        compose([f"data.sources=[{{path: {tmp_path}/corpus.txt, format: text}}]"])
+
+
+def test_generic_format_from_a_dataset_folder(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"q": f"Q{i}", "a": f"A{i}"} for i in range(4)]),
+            "test": datasets.Dataset.from_list([{"q": "Qt", "a": "At"}]),
+        }
+    ).save_to_disk(str(tmp_path / "ds"))
+    cfg = compose(
+        [
+            "model=tiny",
+            f"data.sources=[{{path: {tmp_path}/ds, format: sft, split: [1, 0, 0], columns: {{prompt: q, answer: a}}}}]",
+        ]
+    )
+    data = stage_rows(cfg.data, "sft")
+    assert [r["prompt"] for r in data.eval] == ["Qt"] and len(data.train) == 4

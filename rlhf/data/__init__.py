@@ -39,12 +39,16 @@ def source_rows(source: DictConfig, data_cfg: DictConfig) -> tuple[list[dict], R
         ]
         return rows, ReadReport(kept=len(rows))
     try:
-        if source.path and source.format in FORMAT_FIELDS:
+        if source.path and source.format in FORMAT_FIELDS and not Path(source.path).expanduser().is_dir():
             rows, report = read_local(source.path, source.format, dict(source.columns), data_cfg.strict)
         else:
             from_hub = not source.path
             rows, report = read_adapted(
-                source.path or source.name, source.format or source.name, from_hub, data_cfg.strict
+                source.path or source.name,
+                source.format or source.name,
+                from_hub,
+                data_cfg.strict,
+                dict(source.columns),
             )
     except (OSError, ValueError) as err:
         raise DataError(f"data source {source_label(source)}: {err}") from err
@@ -58,6 +62,15 @@ def source_rows(source: DictConfig, data_cfg: DictConfig) -> tuple[list[dict], R
             report.first_errors[0],
         )
     return rows, report
+
+
+def ptx_texts(data_cfg: DictConfig) -> list[str]:
+    """The documents of the PTX source (`data.ptx`), shuffled with the data seed; empty when there is none."""
+    if not (data_cfg.ptx.path or data_cfg.ptx.name):
+        return []
+    rows, _ = source_rows(data_cfg.ptx, data_cfg)
+    random.Random(data_cfg.seed).shuffle(rows)
+    return [row["text"] for row in rows]
 
 
 def usable_in(source: DictConfig, stage: str) -> bool:

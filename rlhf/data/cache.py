@@ -2,7 +2,7 @@
 
 The key covers the resolved data option (sources, split, seed, lengths, template), each source file's path, size and
 modification time, the tokenizer (name, vocabulary size, special tokens, chat template), the stage, and the code
-that generates the built-in data and tokenises. Entries are
+that reads, adapts, splits, generates and tokenises data. Entries are
 written under a lock and renamed into place, so concurrent runs build once and a half-written entry is never read.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf.data import builtin, tokenize
+import rlhf.data
+from rlhf.data import builtin, formats, sources, tokenize
 from rlhf.models import file_lock
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ CACHE_FORMAT = 1  # bump when the processed layout changes
 def source_files(data_cfg: DictConfig) -> list[list]:
     """(path, size, mtime_ns) of every local file the mix reads."""
     found = []
-    for source in data_cfg.sources:
+    for source in [*data_cfg.sources, data_cfg.ptx]:
         if not source.path:
             continue
         path = Path(source.path).expanduser()
@@ -49,7 +50,10 @@ def cache_key(data_cfg: DictConfig, stage: str, tokenizer) -> str:
         "stage": stage,
         "data": data,
         "files": source_files(data_cfg),
-        "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (builtin, tokenize)],
+        "code": [
+            hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
+            for m in (rlhf.data, builtin, formats, sources, tokenize)
+        ],
         "tokenizer": [
             tokenizer.name_or_path,
             len(tokenizer),

@@ -11,8 +11,9 @@ import re
 from collections.abc import Callable, Mapping
 
 Messages = list[dict[str, str]]
-TURN_RE = re.compile(r"\n*(Human|Assistant):[ \t]?")
-CITATION_RE = re.compile(r" ?[\(\[][^\)\]]*[\)\]]")
+TURN_RE = re.compile(r"(?:^|\s+)(Human|Assistant):[ \t]?")
+CITATION_RE = re.compile(r"\s?(\[\d+(?:,\s*\d+)*\])+")  # webgpt's reference marks: [1], [2][3], [1, 2]
+ASSISTANT_PREFIX_RE = re.compile(r"^\s*Assistant:\s*")
 
 
 def parse_transcript(text: str) -> Messages:
@@ -49,6 +50,8 @@ def hh_rlhf(raw: Mapping) -> dict:
     chosen, rejected = parse_transcript(_text(raw, "chosen")), parse_transcript(_text(raw, "rejected"))
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
         raise ValueError("a transcript does not end with an assistant turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("chosen and rejected transcripts differ before their last answer")
     return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
 
 
@@ -71,23 +74,26 @@ def dahoas_synthetic(raw: Mapping) -> dict:
 
 
 def yitingxie(raw: Mapping) -> dict:
-    """yitingxie/rlhf-reward-datasets: a transcript prompt; answers prefixed with 'Assistant:'."""
+    """yitingxie/rlhf-reward-datasets: a transcript prompt (with or without the closing 'Assistant:'); answers
+    prefixed with 'Assistant:'."""
     return {
         "prompt": prompt_turns(_text(raw, "prompt")),
-        "chosen": _text(raw, "chosen").split("Assistant:")[-1].strip(),
-        "rejected": _text(raw, "rejected").split("Assistant:")[-1].strip(),
+        "chosen": ASSISTANT_PREFIX_RE.sub("", _text(raw, "chosen")),
+        "rejected": ASSISTANT_PREFIX_RE.sub("", _text(raw, "rejected")),
     }
 
 
 def webgpt(raw: Mapping) -> dict:
-    """openai/webgpt_comparisons: the higher-scored of two answers is chosen; ties are unusable; citations cut."""
+    """openai/webgpt_comparisons: the higher-scored of two answers is chosen; ties (score 0, the card's 'soft 50%')
+    are skipped rather than given to answer_0 as DeepSpeed-Chat does; reference marks like [1] are cut."""
     question = raw.get("question")
     text = question.get("full_text") if isinstance(question, Mapping) else None
     if not isinstance(text, str) or not text.strip():
         raise ValueError("missing or empty field: 'question.full_text'")
-    scores = (raw.get("score_0"), raw.get("score_1"))
-    if not all(isinstance(s, (int, float)) for s in scores):
-        raise ValueError("missing field: 'score_0'/'score_1'")
+    try:
+        scores = (float(raw["score_0"]), float(raw["score_1"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError("missing field: 'score_0'/'score_1' must be numbers") from err
     if scores[0] == scores[1]:
         raise ValueError("tie: equal scores")
     answers = [CITATION_RE.sub("", _text(raw, f"answer_{i}")).strip() for i in (0, 1)]
@@ -101,12 +107,23 @@ def webgpt(raw: Mapping) -> dict:
 
 def shp(raw: Mapping) -> dict:
     """stanfordnlp/SHP: `labels` is 1 when human_ref_A is preferred over human_ref_B."""
-    label = raw.get("labels")
+    try:
+        label = int(raw["labels"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError("missing field: 'labels' (0 or 1)") from err
     if label not in (0, 1):
-        raise ValueError("missing field: 'labels' (0 or 1)")
+        raise ValueError(f"wrong value: 'labels' is {label}, not 0 or 1")
     a, b = _text(raw, "human_ref_A"), _text(raw, "human_ref_B")
     chosen, rejected = (a, b) if label == 1 else (b, a)
     return {"prompt": [{"role": "user", "content": _text(raw, "history")}], "chosen": chosen, "rejected": rejected}
+
+
+def local_jsonfile(raw: Mapping) -> dict:
+    """DeepSpeed-Chat's local/jsonfile: `prompt` is usually written as ' Human: ... Assistant:' (its turns are
+    parsed so the chat template does not wrap the labels again); a prompt without labels is one user turn."""
+    prompt = _text(raw, "prompt")
+    messages = prompt_turns(prompt) if TURN_RE.search(prompt) else [{"role": "user", "content": prompt}]
+    return {"prompt": messages, "chosen": _text(raw, "chosen"), "rejected": _text(raw, "rejected")}
 
 
 ADAPTERS: dict[str, Callable[[Mapping], dict]] = {
@@ -117,5 +134,5 @@ ADAPTERS: dict[str, Callable[[Mapping], dict]] = {
     "yitingxie/rlhf-reward-datasets": yitingxie,
     "openai/webgpt_comparisons": webgpt,
     "stanfordnlp/SHP": shp,
-    "local/jsonfile": dahoas_synthetic,  # DeepSpeed-Chat's local layout: data/{train,eval}.json with these fields
+    "local/jsonfile": local_jsonfile,  # DeepSpeed-Chat's local layout: data/{train,eval}.json
 }

@@ -9,8 +9,8 @@ import logging
 import sys
 
 from rlhf.config import ConfigError, compose
-from rlhf.data import STAGE_INDEX, DataError, source_label, source_rows, stage_rows
-from rlhf.data.tokenize import PromptFormat
+from rlhf.data import STAGE_INDEX, DataError, ptx_texts, source_label, source_rows, stage_rows
+from rlhf.data.tokenize import PromptFormat, encode_prompts, text_blocks
 from rlhf.progress import markdown_table
 
 
@@ -36,6 +36,14 @@ def report(overrides: list[str], examples: int = 2) -> str:
     lines += [markdown_table(table), ""]
     tokenizer = load_tokenizer(cfg.model)
     fmt = PromptFormat.for_tokenizer(tokenizer, data)
+    prompts = [row["prompt"] for row in per_stage["ppo"].train]
+    _, dropped = encode_prompts(tokenizer, fmt, prompts, data.max_prompt_len)
+    lines.append(f"PPO prompts longer than data.max_prompt_len={data.max_prompt_len} tokens (dropped): {dropped}")
+    if data.ptx.path or data.ptx.name:
+        texts = ptx_texts(data)
+        blocks = text_blocks(tokenizer, texts, data.max_prompt_len + data.max_answer_len)
+        lines.append(f"PTX source {source_label(data.ptx)}: {len(texts)} documents, {len(blocks)} blocks")
+    lines.append("")
     lines.append(f"## Rendered examples ({'chat template of ' + cfg.model.name if fmt.use_chat else 'plain template'})")
     for stage, stage_data in per_stage.items():
         for row in stage_data.train[:examples]:

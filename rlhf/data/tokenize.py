@@ -66,6 +66,39 @@ def encode_sft(tokenizer, fmt: PromptFormat, prompt: Prompt, answer: str, data_c
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 
+def encode_prompts(tokenizer, fmt: PromptFormat, prompts: list[Prompt], max_len: int) -> tuple[list[list[int]], int]:
+    """Token ids of each prompt for generation, and how many were dropped for being longer than `max_len`.
+
+    A too-long prompt is dropped rather than cut: cutting either end loses the instruction or the generation cue.
+    """
+    kept: list[list[int]] = []
+    for prompt in prompts:
+        ids = tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+        if len(ids) <= max_len:
+            kept.append(ids)
+    return kept, len(prompts) - len(kept)
+
+
+def text_blocks(tokenizer, texts: list[str], block_len: int) -> list[list[int]]:
+    """Documents joined with EOS and cut into blocks of `block_len` tokens (the short tail is dropped)."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return [stream[i : i + block_len] for i in range(0, len(stream) - block_len + 1, block_len)]
+
+
+def pad_left(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for generation so every row's next token is at the same position."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        if ids:
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def pad_right(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest row: input_ids, attention_mask, labels (pad positions ignored)."""
     width = max(len(e["input_ids"]) for e in examples)
