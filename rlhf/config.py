@@ -116,6 +116,20 @@ class SFTStageConfig:
 
 
 @dataclass
+class RewardStageConfig:
+    name: str = "reward"
+    epochs: int = 1
+    max_steps: int = -1  # optimizer steps; -1 runs the full epochs
+    global_batch: int = 16  # preference pairs per optimizer step
+    eval_interval: int = 50
+    eval_max_batches: int = 32  # micro-batches of pairs per rank per evaluation
+    log_interval: int = 1
+    grad_clip: float = 1.0
+    init_from: str = ""  # a model directory (e.g. an SFT output) for the backbone instead of the `reward_model` option
+    margin: float = 0.0  # the loss is -logsigmoid(r_chosen - r_rejected - margin)
+
+
+@dataclass
 class DataSourceConfig:
     name: str = ""  # `builtin`, a hub dataset, or a label for a local file (defaults to the file name)
     path: str = ""  # a local file (.jsonl/.json/.csv/.parquet, .txt for text) or dataset folder
@@ -170,6 +184,7 @@ class LoggerConfig:
 @dataclass
 class RLHFConfig:
     model: ModelConfig = MISSING
+    reward_model: ModelConfig = MISSING  # the reward and critic backbone, a `model` option: model@reward_model=tiny
     hardware: HardwareConfig = MISSING
     stage: Any = MISSING  # typed by the chosen option's own schema (see STAGE_SCHEMAS)
     data: DataConfig = MISSING
@@ -180,7 +195,7 @@ class RLHFConfig:
     cache_dir: str = ""  # empty: $RLHF_CACHE or ~/.cache/rlhf
 
 
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTStageConfig}
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTStageConfig, "reward": RewardStageConfig}
 
 
 def register_configs() -> None:
@@ -216,7 +231,7 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             errors.append(message)
 
-    hw, model, opt, stage, data = cfg.hardware, cfg.model, cfg.optimizer, cfg.stage, cfg.data
+    hw, opt, stage, data = cfg.hardware, cfg.optimizer, cfg.stage, cfg.data
     need(0 <= hw.zero_stage <= 3, f"hardware.zero_stage={hw.zero_stage} must be 0, 1, 2 or 3")
     need(hw.nodes >= 1, f"hardware.nodes={hw.nodes} must be >= 1")
     need(hw.procs_per_node >= 1, f"hardware.procs_per_node={hw.procs_per_node} must be >= 1")
@@ -235,22 +250,29 @@ def validate(cfg: DictConfig) -> None:
     )
     need(hw.nodes == 1 or bool(hw.hostfile), f"hardware.nodes={hw.nodes} needs hardware.hostfile")
 
-    need(
-        model.source not in (Source.hub, Source.local) or bool(model.path),
-        f"model.source={model.source.value} needs model.path",
-    )
-    need(model.max_length >= 8, f"model.max_length={model.max_length} must be >= 8")
-    lora = model.lora
-    need(lora.dim >= 0, f"model.lora.dim={lora.dim} must be >= 0")
-    need(
-        lora.dim == 0 or len(lora.target_modules) > 0,
-        f"model.lora.dim={lora.dim} needs a non-empty model.lora.target_modules",
-    )
-    need(
-        not lora.only_optimize_lora or lora.dim > 0,
-        "model.lora.only_optimize_lora=true needs model.lora.dim > 0",
-    )
-    need(0.0 <= lora.dropout < 1.0, f"model.lora.dropout={lora.dropout} must be in [0, 1)")
+    for key in ("model", "reward_model"):
+        m = cfg[key]
+        need(
+            m.source not in (Source.hub, Source.local) or bool(m.path),
+            f"{key}.source={m.source.value} needs {key}.path",
+        )
+        need(m.max_length >= 8, f"{key}.max_length={m.max_length} must be >= 8")
+        lora = m.lora
+        need(lora.dim >= 0, f"{key}.lora.dim={lora.dim} must be >= 0")
+        need(
+            lora.dim == 0 or len(lora.target_modules) > 0,
+            f"{key}.lora.dim={lora.dim} needs a non-empty {key}.lora.target_modules",
+        )
+        need(
+            not lora.only_optimize_lora or lora.dim > 0,
+            f"{key}.lora.only_optimize_lora=true needs {key}.lora.dim > 0",
+        )
+        need(0.0 <= lora.dropout < 1.0, f"{key}.lora.dropout={lora.dropout} must be in [0, 1)")
+        need(
+            data.max_prompt_len + data.max_answer_len <= m.max_length,
+            f"data.max_prompt_len + data.max_answer_len = {data.max_prompt_len + data.max_answer_len} exceeds "
+            f"{key}.max_length={m.max_length}",
+        )
 
     need(opt.lr > 0, f"optimizer.lr={opt.lr} must be > 0")
     need(opt.lora_lr > 0, f"optimizer.lora_lr={opt.lora_lr} must be > 0")
@@ -307,11 +329,6 @@ def validate(cfg: DictConfig) -> None:
     need(
         data.max_prompt_len >= 1 and data.max_answer_len >= 1,
         "data.max_prompt_len and data.max_answer_len must be >= 1",
-    )
-    need(
-        data.max_prompt_len + data.max_answer_len <= model.max_length,
-        f"data.max_prompt_len + data.max_answer_len = {data.max_prompt_len + data.max_answer_len} exceeds "
-        f"model.max_length={model.max_length}",
     )
     need(
         data.template in ("auto", "chat", "plain"),

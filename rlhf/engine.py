@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from functools import partial
+from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -97,3 +100,23 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, total_steps: int):
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
     )
     return engine
+
+
+def save_training_state(engine, path: Path, step: int) -> None:
+    """The engine's DeepSpeed checkpoint (weights, optimizer, schedule) with the step and the RNG states."""
+    client = {
+        "step": step,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+    }
+    engine.save_checkpoint(str(path), tag=f"step{step}", client_state=client)
+
+
+def load_training_state(engine, path: Path) -> int:
+    """Restore what `save_training_state` wrote (the latest tag under `path`); returns the step."""
+    _, client = engine.load_checkpoint(str(path))
+    if client is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+    torch.set_rng_state(client["rng"]["torch"])
+    random.setstate(client["rng"]["python"])
+    np.random.set_state(client["rng"]["numpy"])
+    return client["step"]

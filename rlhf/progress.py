@@ -61,3 +61,34 @@ def markdown_table(rows: list[dict[str, object]]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     lines += ["| " + " | ".join(cell(row.get(k, "")) for k in keys) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def loss_figures(history: list[float], samples: int, train_s: float, tokens: int) -> dict:
+    """The summary figures every trainer reports: throughput and the loss at the start and the end (the means of
+    up to five steps at each end, so one noisy step does not decide)."""
+    nan = float("nan")
+    window = max(1, min(5, len(history) // 4))
+    return {
+        "samples": samples,
+        "train_s": train_s,
+        "samples_per_s": samples / train_s if train_s else 0.0,
+        "tokens_per_s": tokens / train_s if train_s else 0.0,
+        "first_loss": history[0] if history else nan,
+        "last_loss": history[-1] if history else nan,
+        "first_loss_mean": sum(history[:window]) / window if history else nan,
+        "last_loss_mean": sum(history[-window:]) / window if history else nan,
+    }
+
+
+def describe_plan(stage: str, unit: str, train: int, evaluation: int, model, lora_modules: int, cfg) -> str:
+    """One line on what a trainer is about to do: data, parameters, steps and how a step splits over ranks."""
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    world = cfg.hardware.nodes * cfg.hardware.procs_per_node
+    micro = cfg.hardware.micro_batch
+    accum = cfg.stage.global_batch // (world * micro)
+    return (
+        f"{stage}: {train} train / {evaluation} eval {unit}, {params:,} params ({trainable:,} trainable, "
+        f"{lora_modules} LoRA modules), steps of {cfg.stage.global_batch} {unit} ({world} x {accum} micro-batches "
+        f"of {micro}), world size {world}"
+    )

@@ -14,7 +14,8 @@ import pytest
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """`rlhf <args>` in `cwd` with W&B offline; output captured as text."""
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
-    env.pop("WANDB_API_KEY", None)
+    for key in ("WANDB_API_KEY", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # the in-process group of `dist_process_group` holds its port; a child needs its own
     return subprocess.run(
         [sys.executable, "-m", "rlhf", *args],
         cwd=cwd,

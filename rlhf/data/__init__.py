@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from omegaconf import DictConfig
 
 from rlhf.data import builtin
@@ -160,3 +161,22 @@ def stage_rows(data_cfg: DictConfig, stage: str) -> StageData:
         len(evaluation),
     )
     return StageData(train, evaluation, counts)
+
+
+def batch_indices(count: int, global_batch: int, seed: int, step: int, rank: int, world: int) -> list[int]:
+    """This rank's example indices for optimizer step `step`: a fresh permutation each epoch, a pure function of
+    (seed, step), so a resumed run sees exactly the data an uninterrupted one would."""
+    steps_per_epoch = count // global_batch
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[within * global_batch : (within + 1) * global_batch][rank::world].tolist()
+
+
+def plan_steps(count: int, stage_cfg: DictConfig, what: str) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) for `count` training examples under the stage's global batch,
+    epochs and max_steps; too few examples for one batch is a DataError."""
+    per_epoch = count // stage_cfg.global_batch
+    if per_epoch == 0:
+        raise DataError(f"{count} {what} are fewer than one global batch (stage.global_batch={stage_cfg.global_batch})")
+    total = stage_cfg.epochs * per_epoch
+    return per_epoch, min(total, stage_cfg.max_steps) if stage_cfg.max_steps > 0 else total

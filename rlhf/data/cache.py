@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import rlhf.data
+from rlhf import dist
 from rlhf.data import builtin, formats, sources, tokenize
 from rlhf.models import file_lock
 
@@ -78,3 +79,13 @@ def cached(root: Path, key: str, build: Callable[[], Any], rebuild: bool = False
         torch.save(value, tmp)
         os.replace(tmp, path)
         return value, False
+
+
+def shared(root: Path, key: str, build: Callable[[], Any], rebuild: bool = False) -> Any:
+    """The cached value for `key` across ranks: rank 0 builds (or rebuilds) it, the others read what it wrote."""
+    if dist.rank() == 0:
+        value, _ = cached(root, key, build, rebuild=rebuild)
+    dist.barrier()
+    if dist.rank() != 0:
+        value, _ = cached(root, key, build)
+    return value

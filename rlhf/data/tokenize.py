@@ -66,6 +66,22 @@ def encode_sft(tokenizer, fmt: PromptFormat, prompt: Prompt, answer: str, data_c
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
 
+def encode_response(tokenizer, fmt: PromptFormat, prompt: Prompt, response: str, data_cfg: DictConfig) -> list[int]:
+    """Token ids of prompt + response as the reward model reads them (prompt cut from the left, the response from
+    the right); the score is taken at the last token."""
+    prompt_ids = tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(fmt.answer_text(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+    return prompt_ids[-data_cfg.max_prompt_len :] + answer_ids[: data_cfg.max_answer_len]
+
+
+def encode_pair(tokenizer, fmt: PromptFormat, prompt: Prompt, chosen: str, rejected: str, data_cfg: DictConfig) -> dict:
+    """`encode_response` of the chosen and of the rejected answer."""
+    return {
+        "chosen": encode_response(tokenizer, fmt, prompt, chosen, data_cfg),
+        "rejected": encode_response(tokenizer, fmt, prompt, rejected, data_cfg),
+    }
+
+
 def encode_prompts(tokenizer, fmt: PromptFormat, prompts: list[Prompt], max_len: int) -> tuple[list[list[int]], int]:
     """Token ids of each prompt for generation, and how many were dropped for being longer than `max_len`.
 

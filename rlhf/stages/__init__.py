@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from rlhf import dist
 from rlhf.config import world_size
 from rlhf.progress import markdown_table
+from rlhf.stages.reward import RewardTrainer
 from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
 
@@ -35,7 +36,8 @@ class StageTrainer(Protocol):
     def load_state(self, path: Path) -> None: ...
 
 
-TRAINERS: dict[str, type[StageTrainer]] = {"sft": SFTTrainer}
+TRAINERS: dict[str, type[StageTrainer]] = {"sft": SFTTrainer, "reward": RewardTrainer}
+MODEL_OPTION = {"sft": "model", "reward": "reward_model"}  # the model option a stage trains
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -51,7 +53,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         devices = world_size(cfg)
         summary = {
             "stage": name,
-            "model": cfg.model.name,
+            "model": cfg[MODEL_OPTION[name]].name,
             "hardware": cfg.hardware.name,
             "world_size": devices,
             "wall_s": wall_s,
@@ -75,6 +77,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "last_loss",
             "eval_loss_start",
             "eval_loss",
+            "eval_acc_start",
+            "eval_acc",
             "est_cost_usd",
         ]
         log.info("\n%s\nfinal model: %s", markdown_table([{k: summary[k] for k in shown if k in summary}]), output)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
 from rlhf import dist, engine, models
 from rlhf.config import cache_dir, grad_accum_steps
-from rlhf.data import DataError, stage_rows
-from rlhf.data.cache import cache_key, cached
+from rlhf.data import batch_indices, plan_steps, stage_rows
+from rlhf.data.cache import cache_key, shared
 from rlhf.data.tokenize import IGNORE_INDEX, PromptFormat, encode_sft, pad_right
-from rlhf.progress import StepLog
+from rlhf.progress import StepLog, describe_plan, loss_figures
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -55,35 +53,19 @@ class SFTTrainer:
         self.global_batch = cfg.stage.global_batch
         self.micro_batch = cfg.hardware.micro_batch
         self.accum = grad_accum_steps(cfg)
-        self.steps_per_epoch = len(self.train_examples) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise DataError(
-                f"{len(self.train_examples)} SFT training examples are fewer than one global batch "
-                f"(stage.global_batch={self.global_batch})"
-            )
-        self.total_steps = cfg.stage.epochs * self.steps_per_epoch
-        if cfg.stage.max_steps > 0:
-            self.total_steps = min(self.total_steps, cfg.stage.max_steps)
+        self.steps_per_epoch, self.total_steps = plan_steps(
+            len(self.train_examples), cfg.stage, "SFT training examples"
+        )
         self.engine = engine.initialize(model, cfg, self.total_steps)
         log.info(
-            "sft: %d train / %d eval examples, %s params (%s trainable, %d LoRA modules), %d steps of %d samples "
-            "(%d x %d micro-batches of %d), world size %d",
-            len(self.train_examples),
-            len(self.eval_examples),
-            f"{self.n_params:,}",
-            f"{self.n_trainable:,}",
-            self.lora_modules,
-            self.total_steps,
-            self.global_batch,
-            self.world,
-            self.accum,
-            self.micro_batch,
-            self.world,
+            describe_plan(
+                "sft", "examples", len(self.train_examples), len(self.eval_examples), model, self.lora_modules, cfg
+            )
         )
+        log.info("sft: %d optimizer steps", self.total_steps)
 
     def _processed_data(self) -> dict:
-        """Tokenised train/eval examples and source counts, from the data cache: rank 0 builds (or rebuilds),
-        the other ranks read what it wrote."""
+        """Tokenised train/eval examples and source counts, built once (rank 0) through the data cache."""
         cfg = self.cfg
 
         def build() -> dict:
@@ -91,13 +73,7 @@ class SFTTrainer:
             data = stage_rows(cfg.data, self.name)
             return {"train": self._encode(fmt, data.train), "eval": self._encode(fmt, data.eval), "counts": data.counts}
 
-        key = cache_key(cfg.data, self.name, self.tokenizer)
-        if self.rank == 0:
-            processed, _ = cached(cache_dir(cfg), key, build, rebuild=cfg.data.rebuild)
-        dist.barrier()
-        if self.rank != 0:
-            processed, _ = cached(cache_dir(cfg), key, build)
-        return processed
+        return shared(cache_dir(cfg), cache_key(cfg.data, self.name, self.tokenizer), build, cfg.data.rebuild)
 
     def _encode(self, fmt: PromptFormat, rows: list[dict]) -> list[dict]:
         encoded = [encode_sft(self.tokenizer, fmt, r["prompt"], r["chosen"], self.cfg.data) for r in rows]
@@ -109,12 +85,10 @@ class SFTTrainer:
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for optimizer step `step`: a pure function of (seed, step), so a resumed
         run sees exactly the data an uninterrupted one would."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        chunk = order[within * self.global_batch : (within + 1) * self.global_batch][self.rank :: self.world]
+        mine = batch_indices(len(self.train_examples), self.global_batch, self.cfg.seed, step, self.rank, self.world)
         return [
-            pad_right([self.train_examples[i] for i in chunk[m : m + self.micro_batch].tolist()], self.pad_id)
-            for m in range(0, len(chunk), self.micro_batch)
+            pad_right([self.train_examples[i] for i in mine[m : m + self.micro_batch]], self.pad_id)
+            for m in range(0, len(mine), self.micro_batch)
         ]
 
     @property
@@ -162,17 +136,9 @@ class SFTTrainer:
                 evals["eval_loss"] = metrics["sft/eval_loss"]
             self.tracker.log(metrics, step=self.step)
             steplog.step(self.step, {k: metrics[k] for k in ("sft/loss", "sft/lr")}, tokens / step_s, step_s)
-        window = max(1, min(5, len(history) // 4))
         return {
             "steps": self.step,
-            "samples": samples,
-            "train_s": train_seconds,
-            "samples_per_s": samples / train_seconds if train_seconds else 0.0,
-            "tokens_per_s": train_tokens / train_seconds if train_seconds else 0.0,
-            "first_loss": history[0] if history else float("nan"),
-            "last_loss": history[-1] if history else float("nan"),
-            "first_loss_mean": float(np.mean(history[:window])) if history else float("nan"),
-            "last_loss_mean": float(np.mean(history[-window:])) if history else float("nan"),
+            **loss_figures(history, samples, train_seconds, train_tokens),
             **evals,
             "eval_ppl": math.exp(min(evals.get("eval_loss", float("nan")), 50.0)),
             "params": self.n_params,
@@ -220,21 +186,7 @@ class SFTTrainer:
 
     # 4. full training state (DeepSpeed engine + step + RNG), for checkpoints and resume
     def save_state(self, path: Path) -> None:
-        client = {
-            "step": self.step,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-            },
-        }
-        self.engine.save_checkpoint(str(path), tag=f"step{self.step}", client_state=client)
+        engine.save_training_state(self.engine, path, self.step)
 
     def load_state(self, path: Path) -> None:
-        _, client = self.engine.load_checkpoint(str(path))
-        if client is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
-        self.step = client["step"]
-        torch.set_rng_state(client["rng"]["torch"])
-        random.setstate(client["rng"]["python"])
-        np.random.set_state(client["rng"]["numpy"])
+        self.step = engine.load_training_state(self.engine, path)

@@ -1,0 +1,183 @@
+"""The reward model: score index under any padding, the pairwise loss, learning a separable preference, save/load,
+ZeRO and LoRA variants, two processes, and the scoring command."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForSequenceClassification
+
+from rlhf import stages
+from rlhf.config import ModelConfig, compose
+from rlhf.data.tokenize import pad_left, pad_right
+from rlhf.models import last_token_index, load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
+from rlhf.stages.reward import RewardTrainer, pairwise_loss
+from rlhf.tracking import Tracker
+from tests.conftest import read_summary, run_cli, single_run_dir
+from tests.test_sft import inspect_wandb, wandb_runs
+
+
+def test_last_token_index_reads_the_mask_only() -> None:
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 4]
+    assert last_token_index(left).tolist() == [4, 4]
+
+
+def test_pairwise_loss() -> None:
+    zero = torch.zeros(3)
+    assert pairwise_loss(zero, zero).item() == pytest.approx(math.log(2))
+    assert pairwise_loss(torch.tensor([5.0]), torch.tensor([-5.0])).item() < 1e-4
+    assert pairwise_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=1.0).item() == pytest.approx(math.log(2))
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model():
+    from transformers import AutoModelForCausalLM
+
+    model_cfg = OmegaConf.structured(ModelConfig(name="tiny", source="tiny"))
+    tokenizer = load_tokenizer(model_cfg)
+    torch.manual_seed(0)
+    model = reward_model_from_lm(AutoModelForCausalLM.from_config(tiny_config(model_cfg, tokenizer))).eval()
+    return model, tokenizer
+
+
+def test_score_is_the_same_under_left_and_right_padding_and_pad_equal_to_eos(tiny_reward_model) -> None:
+    model, tokenizer = tiny_reward_model
+    eos = tokenizer.eos_token_id
+    rows = [[11, 12, 13, eos], [21, 22, 23, 24, 25, 26, 27, eos], [31, 32, eos]]
+    with torch.no_grad():
+        alone = torch.cat([model(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in rows])
+        right = pad_right([{"input_ids": r, "labels": r} for r in rows], tokenizer.pad_token_id)
+        left = pad_left(rows, tokenizer.pad_token_id)
+        eos_padded = pad_right([{"input_ids": r, "labels": r} for r in rows], eos)  # pad == EOS
+        for batch in (right, left, eos_padded):
+            got = model(batch["input_ids"], batch["attention_mask"])
+            torch.testing.assert_close(got, alone, rtol=1e-4, atol=1e-5)
+
+
+def separable_pairs(path: Path, count: int = 600) -> Path:
+    """A preference any reward model should learn: a helpful answer against a refusal."""
+    rows = [
+        {"prompt": f"What is {i} + {i % 7}?", "chosen": f"{i} + {i % 7} = {i + i % 7}.", "rejected": "I won't say."}
+        for i in range(count)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_tiny_reward_model_learns_a_separable_preference(tmp_path: Path) -> None:
+    data = separable_pairs(tmp_path / "sep.jsonl")
+    result = run_cli(
+        [
+            "experiment=quickstart",
+            "stage=reward",
+            "stage.max_steps=30",
+            "stage.eval_interval=15",
+            f"data.sources=[{{path: {data}, format: pairs}}]",
+            "data.split=[0,1,0]",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = single_run_dir(tmp_path)
+    summary = read_summary(run_dir, "reward")
+    assert summary["eval_acc"] >= 0.95 and summary["eval_acc_start"] < 0.9, summary
+    assert summary["chosen_mean"] > summary["rejected_mean"] and summary["last_loss_mean"] < summary["first_loss_mean"]
+    assert "reward step 30/30" in result.stdout + result.stderr
+
+    final = run_dir / "reward" / "final"
+    stats = json.loads((final / "reward_stats.json").read_text())
+    assert stats["std"] > 0 and stats["pairs"] == 60
+    assert isinstance(AutoModelForSequenceClassification.from_pretrained(final).score, torch.nn.Linear)
+    wandb_summary = inspect_wandb(wandb_runs(run_dir)[0])["summary"]
+    for key in ("reward/acc", "reward/chosen_mean", "reward/rejected_mean", "reward/loss"):
+        assert key in wandb_summary, key
+
+    scored = subprocess.run(
+        [sys.executable, "-m", "rlhf.score", str(final), "--file", str(data)], capture_output=True, text=True
+    )
+    assert scored.returncode == 0, scored.stderr
+    accuracy = float(scored.stderr.split("pairwise accuracy ")[1].split()[0])
+    assert accuracy >= 0.95
+    first = json.loads(scored.stdout.splitlines()[0])
+    assert first["chosen_normalised"] == pytest.approx((first["chosen_score"] - stats["mean"]) / stats["std"])
+    one = subprocess.run(
+        [sys.executable, "-m", "rlhf.score", str(final), "--prompt", "What is 1 + 1?", "--response", "I won't say."],
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0 and "response_score" in one.stdout
+
+
+def test_saved_reward_model_reloads_with_the_same_scores(tmp_path: Path, dist_process_group) -> None:
+    cfg = compose(["experiment=quickstart", "stage=reward", "logger=none", "stage.max_steps=3"])
+    trainer = RewardTrainer(cfg, tmp_path, Tracker(cfg, "reward", tmp_path))
+    trainer.setup()
+    trainer.train()
+    final = trainer.save()
+    batch = trainer.micro_batches(0)[0]
+    module = trainer.engine.module.eval()
+    loaded = load_reward_model(final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(batch["input_ids"], batch["attention_mask"]),
+            module(batch["input_ids"], batch["attention_mask"]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+CASES = {
+    "zero3-lora-only": [
+        "hardware.zero_stage=3",
+        "model@reward_model=tiny",
+        "reward_model.lora.dim=4",
+        "reward_model.lora.target_modules=[q_proj,v_proj]",
+        "reward_model.lora.only_optimize_lora=true",
+    ],
+    "zero2-checkpointing-bf16": [
+        "hardware.zero_stage=2",
+        "hardware.precision=bf16",
+        "reward_model.gradient_checkpointing=true",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_reward_zero_lora_checkpointing(name: str, tmp_path: Path, dist_process_group) -> None:
+    cfg = compose(["experiment=quickstart", "stage=reward", "logger=none", "stage.max_steps=3", *CASES[name]])
+    summary = stages.run(cfg, tmp_path)
+    assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
+    loaded = load_reward_model(tmp_path / "reward" / "final")
+    assert sum(p.numel() for p in loaded.parameters()) < summary["params"] or "lora" not in name
+    if "lora" in name:
+        assert summary["trainable_params"] < summary["params"] / 10
+
+
+def test_reward_from_an_sft_output_on_two_processes(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    sft = run_cli(["experiment=quickstart", "stage.max_steps=2"], tmp_path / "a")
+    assert sft.returncode == 0, sft.stderr[-3000:]
+    sft_final = single_run_dir(tmp_path / "a") / "sft" / "final"
+    result = run_cli(
+        [
+            "experiment=quickstart",
+            "stage=reward",
+            "hardware=cpu-2proc",
+            "stage.max_steps=4",
+            f"stage.init_from={sft_final}",
+        ],
+        tmp_path / "b",
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = read_summary(single_run_dir(tmp_path / "b"), "reward")
+    assert summary["world_size"] == 2 and summary["steps"] == 4
