@@ -1,0 +1,1 @@
+"""PPO: the pure math (`functional`) behind the PPO stage trainer."""

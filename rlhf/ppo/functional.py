@@ -1,0 +1,128 @@
+"""PPO's math as small pure functions over [batch, response_len] tensors with a 0/1 mask of valid response tokens.
+
+Index t of every tensor is the t-th response token: its log-prob, the critic's value of the state before it, its
+KL to the reference and its shaped reward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of the valid entries."""
+    mean = masked_mean(x, mask)
+    count = mask.sum()
+    return ((x - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the valid entries; invalid entries come out 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def logprobs_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) under each row of logits: [B, T, V], [B, T] -> [B, T]."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's distribution: [B, T, V] -> [B, T]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(actor || reference) estimate from sampled tokens: k1 = log p - log q (unbiased, can be
+    negative), k3 = (q/p - 1) - log(q/p) (unbiased, never negative, lower variance)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the last valid response token (0 for an empty row)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (mask.long() * positions).argmax(dim=1)
+
+
+def shaped_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL at every valid token, plus the sequence score at the last valid one."""
+    rewards = -kl_coef * kl * mask
+    rows = torch.arange(score.shape[0], device=score.device)
+    rewards[rows, last_valid_index(mask)] += score
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns (advantages + values); the episode ends at the last valid
+    token, so nothing after it bootstraps."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate loss, the fraction of tokens where the clip was active, and the approximate KL
+    between the old and the new policy (k3 of the ratio)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((v - R)^2, (clip(v) - R)^2) and the fraction of tokens where the clip bit."""
+    clipped_values = old_values + (values - old_values).clamp(-clip, clip)
+    unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than the mean."""
+    var_returns = masked_var(returns, mask)
+    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+
+
+class KLController:
+    """The KL coefficient: fixed, or adaptive (Ziegler et al. 2019) towards `target` KL per sequence."""
+
+    def __init__(self, init: float, target: float = 0.0, horizon: int = 10000) -> None:
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, current_kl: float, n_samples: int) -> None:
+        if self.target <= 0:
+            return
+        error = max(-0.2, min(0.2, current_kl / self.target - 1.0))
+        self.value *= 1.0 + error * n_samples / self.horizon

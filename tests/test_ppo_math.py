@@ -1,0 +1,133 @@
+"""PPO math against straightforward reference loops on random tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo import functional as F
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float)
+    shape = mask.shape
+    return {
+        "mask": mask,
+        "values": torch.randn(shape),
+        "rewards": torch.randn(shape),
+        "logp": -torch.rand(shape) * 3,
+        "ref": -torch.rand(shape) * 3,
+        "adv": torch.randn(shape),
+        "score": torch.tensor([1.0, -2.0, 0.5]),
+    }
+
+
+def test_kl_shaped_rewards_put_the_score_at_the_last_valid_token(batch) -> None:
+    kl = F.kl_penalty(batch["logp"], batch["ref"], "k1")
+    rewards = F.shaped_rewards(batch["score"], kl, batch["mask"], kl_coef=0.1)
+    for i, row in enumerate(batch["mask"]):
+        last = int(row.sum()) - 1
+        for t in range(row.numel()):
+            expected = -0.1 * float(kl[i, t]) if row[t] else 0.0
+            if t == last:
+                expected += float(batch["score"][i])
+            assert rewards[i, t].item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_k3_is_non_negative_and_matches_its_formula(batch) -> None:
+    k3 = F.kl_penalty(batch["logp"], batch["ref"], "k3")
+    ratio = torch.exp(batch["ref"] - batch["logp"])
+    torch.testing.assert_close(k3, ratio - 1 - torch.log(ratio))
+    assert (k3 >= -1e-7).all()
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        F.kl_penalty(batch["logp"], batch["ref"], "k2")
+
+
+def test_gae_matches_a_reference_loop(batch) -> None:
+    gamma, lam = 0.99, 0.95
+    advantages, returns = F.gae(batch["rewards"], batch["values"], batch["mask"], gamma, lam)
+    for i, row in enumerate(batch["mask"]):
+        n = int(row.sum())
+        r, v = batch["rewards"][i, :n].tolist(), batch["values"][i, :n].tolist()
+        expected, running = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            next_value = v[t + 1] if t + 1 < n else 0.0
+            running = r[t] + gamma * next_value - v[t] + gamma * lam * running
+            expected[t] = running
+        assert advantages[i, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert returns[i, :n].tolist() == pytest.approx([a + b for a, b in zip(expected, v, strict=True)], abs=1e-5)
+        assert advantages[i, n:].abs().sum() == 0 and returns[i, n:].abs().sum() == 0
+
+
+def test_whitening_over_valid_entries(batch) -> None:
+    out = F.whiten(batch["adv"], batch["mask"])
+    valid = out[batch["mask"].bool()]
+    assert valid.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert valid.std().item() == pytest.approx(1.0, abs=1e-3)
+    assert out[~batch["mask"].bool()].abs().sum() == 0
+
+
+def test_policy_loss_and_clipping_against_a_loop(batch) -> None:
+    clip = 0.2
+    new = batch["logp"] + torch.randn_like(batch["logp"]) * 0.3
+    loss, clipfrac, approx_kl = F.policy_loss(new, batch["logp"], batch["adv"], batch["mask"], clip)
+    terms, clipped_count, kls = [], 0, []
+    for i, row in enumerate(batch["mask"]):
+        for t in range(int(row.sum())):
+            ratio = math.exp(new[i, t] - batch["logp"][i, t])
+            a = float(batch["adv"][i, t])
+            plain, cut = -a * ratio, -a * min(max(ratio, 1 - clip), 1 + clip)
+            terms.append(max(plain, cut))
+            clipped_count += cut > plain
+            kls.append(ratio - 1 - math.log(ratio))
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    assert clipfrac.item() == pytest.approx(clipped_count / len(terms))
+    assert approx_kl.item() == pytest.approx(sum(kls) / len(kls), abs=1e-6)
+    same, zero_clip, _ = F.policy_loss(batch["logp"], batch["logp"], batch["adv"], batch["mask"], clip)
+    assert zero_clip.item() == 0 and same.item() == pytest.approx(-F.masked_mean(batch["adv"], batch["mask"]).item())
+
+
+def test_value_loss_and_clipping_against_a_loop(batch) -> None:
+    clip = 0.2
+    old = batch["values"]
+    new = old + torch.randn_like(old) * 0.5
+    returns = batch["rewards"]
+    loss, clipfrac = F.value_loss(new, old, returns, batch["mask"], clip)
+    terms, bits = [], 0
+    for i, row in enumerate(batch["mask"]):
+        for t in range(int(row.sum())):
+            v, o, r = float(new[i, t]), float(old[i, t]), float(returns[i, t])
+            vc = o + min(max(v - o, -clip), clip)
+            terms.append(0.5 * max((v - r) ** 2, (vc - r) ** 2))
+            bits += (vc - r) ** 2 > (v - r) ** 2
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    assert clipfrac.item() == pytest.approx(bits / len(terms))
+
+
+def test_logprobs_entropy_and_explained_variance() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(2, 3, 7)
+    labels = torch.randint(0, 7, (2, 3))
+    expected = torch.log_softmax(logits, -1)[torch.arange(2)[:, None], torch.arange(3)[None, :], labels]
+    torch.testing.assert_close(F.logprobs_of(logits, labels), expected)
+    uniform = torch.zeros(1, 1, 8)
+    assert F.entropy_of(uniform).item() == pytest.approx(math.log(8))
+    mask = torch.ones(2, 3)
+    returns = torch.randn(2, 3)
+    assert F.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert F.explained_variance(torch.full_like(returns, returns.mean()), returns, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_controller() -> None:
+    fixed = F.KLController(0.1)
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.1
+    adaptive = F.KLController(0.1, target=6.0, horizon=1000)
+    adaptive.update(12.0, 100)  # KL above target: the coefficient grows (error capped at +20%)
+    assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    adaptive.update(0.0, 100)
+    assert adaptive.value < 0.1 * (1 + 0.2 * 0.1)
