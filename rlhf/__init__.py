@@ -2,4 +2,13 @@
 
 from rlhf.config import compose
 
-__all__ = ["compose"]
+__all__ = ["PPOTrainer", "RLHFEngine", "compose"]
+
+
+def __getattr__(name: str):
+    """The PPO API on first use, so `import rlhf` stays light for the command line."""
+    if name in ("PPOTrainer", "RLHFEngine"):
+        from rlhf.stages import ppo
+
+        return getattr(ppo, name)
+    raise AttributeError(f"module 'rlhf' has no attribute {name!r}")

@@ -130,6 +130,45 @@ class RewardStageConfig:
 
 
 @dataclass
+class PPOStageConfig:
+    name: str = "ppo"
+    epochs: int = 1  # passes over the PPO prompts
+    max_steps: int = -1  # PPO iterations (generate, then learn); -1 runs the full epochs
+    global_batch: int = 16  # prompts per iteration, over all ranks
+    eval_interval: int = 50  # iterations between gold-score evaluations (also before the first and at the end)
+    eval_prompts: int = 32  # held-out prompts scored greedily by the gold scorer (built-in data)
+    log_interval: int = 1
+    grad_clip: float = 1.0
+    init_from: str = ""  # the actor: an SFT output folder (empty: the `model` option)
+    reward_from: str = ""  # a reward-stage output folder (required unless a reward function is given in Python)
+    critic_from: str = ""  # the critic's initialisation (empty: the reward model)
+    actor_zero_stage: int = -1  # -1: hardware.zero_stage
+    critic_zero_stage: int = -1  # -1: hardware.zero_stage
+    # generation
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # reward shaping
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 or k3
+    kl_target: float = 0.0  # > 0: adaptive KL controller towards this KL per sequence
+    kl_horizon: int = 10000
+    normalize_reward: bool = True  # (score - mean) / std with the reward model's saved statistics
+    score_clip: float = 5.0
+    no_eos_penalty: float = 0.0  # added to the score of a response that never reaches EOS (e.g. -1.0)
+    # learning
+    ppo_epochs: int = 1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    clip_range: float = 0.2
+    value_clip: float = 0.2
+    ema_beta: float = 0.0  # > 0: keep an EMA of the actor (e.g. 0.992), saved beside it
+    ptx_coef: float = 0.0  # > 0 with data.ptx: a language-model loss on pre-training text mixed into the actor's
+    sample_table_interval: int = 10  # iterations between W&B tables of sample prompts and responses
+
+
+@dataclass
 class DataSourceConfig:
     name: str = ""  # `builtin`, a hub dataset, or a label for a local file (defaults to the file name)
     path: str = ""  # a local file (.jsonl/.json/.csv/.parquet, .txt for text) or dataset folder
@@ -162,6 +201,7 @@ class OptimizerConfig:
     name: str = MISSING
     lr: float = 1e-5
     lora_lr: float = 5e-4
+    critic_lr: float = 5e-6  # PPO's critic (the actor uses `lr`)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -195,7 +235,7 @@ class RLHFConfig:
     cache_dir: str = ""  # empty: $RLHF_CACHE or ~/.cache/rlhf
 
 
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTStageConfig, "reward": RewardStageConfig}
+STAGE_SCHEMAS: dict[str, type] = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}
 
 
 def register_configs() -> None:
@@ -290,6 +330,23 @@ def validate(cfg: DictConfig) -> None:
     need(stage.max_steps == -1 or stage.max_steps >= 1, f"stage.max_steps={stage.max_steps} must be -1 or >= 1")
     need(stage.eval_interval >= 1, f"stage.eval_interval={stage.eval_interval} must be >= 1")
     need(stage.log_interval >= 1, f"stage.log_interval={stage.log_interval} must be >= 1")
+    if stage.name == "ppo":
+        need(stage.kl_estimator in ("k1", "k3"), f"stage.kl_estimator={stage.kl_estimator} must be k1 or k3")
+        need(stage.max_new_tokens >= 1, f"stage.max_new_tokens={stage.max_new_tokens} must be >= 1")
+        need(stage.temperature > 0, f"stage.temperature={stage.temperature} must be > 0")
+        need(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p} must be in (0, 1]")
+        need(0 <= stage.ema_beta < 1, f"stage.ema_beta={stage.ema_beta} must be in [0, 1)")
+        need(
+            stage.ptx_coef == 0 or bool(data.ptx.path or data.ptx.name),
+            f"stage.ptx_coef={stage.ptx_coef} needs a PTX source (data.ptx.path=...)",
+        )
+        for key in ("actor_zero_stage", "critic_zero_stage"):
+            need(-1 <= stage[key] <= 3, f"stage.{key}={stage[key]} must be -1 (hardware.zero_stage) or 0-3")
+        need(
+            data.max_prompt_len + stage.max_new_tokens <= cfg.model.max_length,
+            f"data.max_prompt_len + stage.max_new_tokens = {data.max_prompt_len + stage.max_new_tokens} exceeds "
+            f"model.max_length={cfg.model.max_length}",
+        )
     per_step = world_size(cfg) * hw.micro_batch
     need(
         stage.global_batch >= per_step and stage.global_batch % per_step == 0,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from rlhf.config import DType, Schedule, grad_accum_steps
+from rlhf.config import DType, Schedule, grad_accum_steps, world_size
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio: float) -> float:
@@ -25,11 +25,13 @@ def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio:
     return min_ratio + (1.0 - min_ratio) * decay
 
 
-def deepspeed_config(cfg: DictConfig) -> dict:
-    """The DeepSpeed config of a training engine."""
+def deepspeed_config(cfg: DictConfig, zero_stage: int | None = None, accumulation: int | None = None) -> dict:
+    """The DeepSpeed config of a training engine (ZeRO stage and gradient accumulation default to the run's)."""
     hw = cfg.hardware
-    zero: dict = {"stage": hw.zero_stage}
-    if hw.zero_stage == 3:
+    zero_stage = hw.zero_stage if zero_stage is None or zero_stage < 0 else zero_stage
+    accumulation = grad_accum_steps(cfg) if accumulation is None else accumulation
+    zero: dict = {"stage": zero_stage}
+    if zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=5e7)
         if hw.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
@@ -37,24 +39,25 @@ def deepspeed_config(cfg: DictConfig) -> dict:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
     config = {
         "train_micro_batch_size_per_gpu": hw.micro_batch,
-        "gradient_accumulation_steps": grad_accum_steps(cfg),
+        "gradient_accumulation_steps": accumulation,
         "zero_optimization": zero,
         "bf16": {"enabled": hw.precision == DType.bf16},
         "fp16": {"enabled": hw.precision == DType.fp16, "loss_scale_window": 100},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
-        "train_batch_size": cfg.stage.global_batch,
+        "train_batch_size": hw.micro_batch * accumulation * world_size(cfg),
         "gradient_clipping": cfg.stage.grad_clip,
     }
     return config
 
 
-def param_groups(model: torch.nn.Module, opt_cfg: DictConfig) -> list[dict]:
+def param_groups(model: torch.nn.Module, opt_cfg: DictConfig, lr: float | None = None) -> list[dict]:
     """Trainable parameters split into decayed, non-decayed (biases, norms) and LoRA (own LR) groups."""
+    lr = opt_cfg.lr if lr is None else lr
     groups = {
-        "decay": {"params": [], "weight_decay": opt_cfg.weight_decay, "lr": opt_cfg.lr},
-        "no_decay": {"params": [], "weight_decay": 0.0, "lr": opt_cfg.lr},
+        "decay": {"params": [], "weight_decay": opt_cfg.weight_decay, "lr": lr},
+        "no_decay": {"params": [], "weight_decay": 0.0, "lr": lr},
         "lora": {"params": [], "weight_decay": 0.0, "lr": opt_cfg.lora_lr},
     }
     for name, param in model.named_parameters():
@@ -70,21 +73,29 @@ def param_groups(model: torch.nn.Module, opt_cfg: DictConfig) -> list[dict]:
     return [g for g in groups.values() if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, opt_cfg)
+def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, opt_cfg, lr)
     betas = tuple(opt_cfg.betas)
     if opt_cfg.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=betas, eps=opt_cfg.eps)
+        return DeepSpeedCPUAdam(groups, lr=groups[0]["lr"], betas=betas, eps=opt_cfg.eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=opt_cfg.eps)
 
 
-def initialize(model: torch.nn.Module, cfg: DictConfig, total_steps: int):
-    """A DeepSpeed training engine for `model` with AdamW (or CPU Adam) and the configured schedule."""
+def initialize(
+    model: torch.nn.Module,
+    cfg: DictConfig,
+    total_steps: int,
+    lr: float | None = None,
+    zero_stage: int | None = None,
+    accumulation: int | None = None,
+):
+    """A DeepSpeed training engine for `model` with AdamW (or CPU Adam) and the configured schedule; `lr`,
+    `zero_stage` and `accumulation` override the run's (PPO's actor and critic differ)."""
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, lr)
     opt = cfg.optimizer
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -96,9 +107,33 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, total_steps: int):
             min_ratio=opt.min_lr_ratio,
         ),
     )
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg)
-    )
+    config = deepspeed_config(cfg, zero_stage, accumulation)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    return engine
+
+
+def initialize_frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int):
+    """A DeepSpeed engine for a model that only runs forward (PPO's reference and reward models): no optimizer;
+    ZeRO-3 partitions it (and `hardware.offload_params` puts it in CPU memory) when the run uses ZeRO-3."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    hw = cfg.hardware
+    zero: dict = {"stage": 3 if zero_stage == 3 else 0}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 10_000
+        if hw.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
+    config = {
+        "train_micro_batch_size_per_gpu": hw.micro_batch,
+        "train_batch_size": hw.micro_batch * world_size(cfg),
+        "zero_optimization": zero,
+        "bf16": {"enabled": hw.precision == DType.bf16},
+        "fp16": {"enabled": hw.precision == DType.fp16},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
     return engine
 
 

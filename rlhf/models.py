@@ -178,11 +178,14 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, dim, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False  # the update folded into base.weight (for generation): forward skips the low-rank path
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
         return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
 
 
@@ -288,9 +291,11 @@ class RewardModel(nn.Module):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         return self.score(hidden).squeeze(-1).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[batch] score of each sequence at its last real token."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+        """[batch] score of each sequence at its last real token, or with `per_token` the [batch, seq] values."""
         values = self.values(input_ids, attention_mask)
+        if per_token:
+            return values
         return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
 

@@ -65,6 +65,14 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """A W&B table (e.g. sample prompts and responses) under `key` at `step`."""
+        if self.run is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            self.run.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+
     def summary(self, figures: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.summary.update(figures)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from rlhf import dist
 from rlhf.config import world_size
 from rlhf.progress import markdown_table
+from rlhf.stages.ppo import PPOTrainer
 from rlhf.stages.reward import RewardTrainer
 from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
@@ -36,8 +37,8 @@ class StageTrainer(Protocol):
     def load_state(self, path: Path) -> None: ...
 
 
-TRAINERS: dict[str, type[StageTrainer]] = {"sft": SFTTrainer, "reward": RewardTrainer}
-MODEL_OPTION = {"sft": "model", "reward": "reward_model"}  # the model option a stage trains
+TRAINERS: dict[str, type[StageTrainer]] = {"sft": SFTTrainer, "reward": RewardTrainer, "ppo": PPOTrainer}
+MODEL_OPTION = {"sft": "model", "reward": "reward_model", "ppo": "model"}  # the model option a stage trains
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -79,6 +80,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "eval_loss",
             "eval_acc_start",
             "eval_acc",
+            "reward_first",
+            "reward_last",
+            "kl_first",
+            "kl_last",
+            "gold_score_start",
+            "gold_score",
+            "s_per_step",
+            "gen_time_frac",
             "est_cost_usd",
         ]
         log.info("\n%s\nfinal model: %s", markdown_table([{k: summary[k] for k in shown if k in summary}]), output)

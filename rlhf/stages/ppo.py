@@ -1,0 +1,555 @@
+"""Stage 3: PPO of the actor against the reward model, with a frozen reference, a critic, EMA and PTX.
+
+Each iteration (1) samples responses to a batch of prompts with the actor, (2) scores them — actor and reference
+log-probs, critic values, the reward model's score — and shapes per-token rewards with the KL penalty, (3) computes
+GAE advantages, then (4) runs `ppo_epochs` passes of clipped policy and value updates over micro-batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoTokenizer
+
+from rlhf import dist, engine, models
+from rlhf.config import cache_dir
+from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
+from rlhf.data.cache import cache_key, shared
+from rlhf.data.tokenize import PromptFormat, encode_prompts, encode_response, pad_left, pad_right, text_blocks
+from rlhf.ppo import functional as F
+from rlhf.progress import StepLog
+from rlhf.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[str], list[str]], list[float]]  # (prompts, responses) -> scores, instead of a model
+
+
+class Experience(NamedTuple):
+    """One batch of rollouts. B rows, prompt width P, response width R; response tensors are [B, R]."""
+
+    sequences: torch.Tensor  # [B, P + R] left-padded prompt then response (pad after EOS)
+    attention_mask: torch.Tensor  # [B, P + R]
+    response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
+    logprobs: torch.Tensor  # actor log-probs of the sampled tokens when sampled
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor  # critic values of the state before each token
+    rewards: torch.Tensor  # shaped: -kl_coef * KL per token, plus the score at the last token
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # [B] the score used (normalised, clipped, EOS penalty)
+    raw_scores: torch.Tensor  # [B] the reward model's raw score
+    kl: torch.Tensor  # [B] summed KL to the reference
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for every response token up to and including the first EOS, 0 after it."""
+    is_eos = (responses == eos_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~after_eos).long()
+
+
+@contextmanager
+def merged_lora(model: torch.nn.Module) -> Iterator[None]:
+    """Fold each LoRA update into its base weight for the duration (generation then runs plain Linears) and put
+    the original weights back afterwards."""
+    wrapped = [m for m in model.modules() if isinstance(m, models.LoRALinear)]
+    saved = []
+    with torch.no_grad():
+        for m in wrapped:
+            saved.append(m.base.weight.data.clone())
+            m.base.weight.data += (m.lora_b @ m.lora_a).to(m.base.weight.dtype) * m.scaling
+            m.merged = True
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, weight in zip(wrapped, saved, strict=True):
+                m.base.weight.data.copy_(weight)
+                m.merged = False
+
+
+class RLHFEngine:
+    """The four models of PPO, each a DeepSpeed engine: the actor and critic train, the reference and reward model
+    only run forward. `reward_fn` replaces the reward model with a function of (prompt, response) texts."""
+
+    def __init__(self, cfg: DictConfig, total_steps: int | None = None, reward_fn: RewardFn | None = None) -> None:
+        stage, root = cfg.stage, cache_dir(cfg)
+        if total_steps is None:
+            if stage.max_steps <= 0:
+                raise ValueError("RLHFEngine needs total_steps or stage.max_steps > 0 for its LR schedules")
+            total_steps = stage.max_steps
+        if reward_fn is None and not stage.reward_from:
+            raise models.ModelError("stage=ppo needs a reward model: stage.reward_from=<run>/reward/final")
+        self.cfg, self.reward_fn = cfg, reward_fn
+        if not dist.is_initialized():  # used from Python rather than through `rlhf`
+            from rlhf.launch import backend, configure_process
+
+            configure_process(cfg, 1)
+            dist.init(backend(cfg))
+        self.tokenizer = models.load_tokenizer(cfg.model, root)
+        hw_zero = cfg.hardware.zero_stage
+        self.actor_zero = hw_zero if stage.actor_zero_stage < 0 else stage.actor_zero_stage
+        critic_zero = hw_zero if stage.critic_zero_stage < 0 else stage.critic_zero_stage
+        started = time.perf_counter()
+
+        actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
+        reference = copy.deepcopy(actor)
+        self.lora_modules = models.apply_lora(actor, cfg.model.lora)
+        if cfg.model.gradient_checkpointing:
+            actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.actor = engine.initialize(actor, cfg, total_steps, zero_stage=self.actor_zero, accumulation=1)
+        self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero)
+
+        self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
+        if reward_fn is None:
+            self.reward = engine.initialize_frozen(models.load_reward_model(stage.reward_from), cfg, hw_zero)
+            self.reward_tokenizer = AutoTokenizer.from_pretrained(stage.reward_from)
+            self.reward_stats = models.reward_stats(stage.reward_from)
+        critic_source = stage.critic_from or stage.reward_from
+        if critic_source:
+            critic = models.load_reward_model(critic_source)
+        else:  # a reward function and no reward model: a fresh head on the reward_model backbone
+            lm = models.load_causal_lm(cfg.reward_model, self.tokenizer, cfg.seed, "", root)
+            critic = models.reward_model_from_lm(lm)
+        models.apply_lora(critic, cfg.reward_model.lora)
+        critic.score.weight.requires_grad_(True)
+        if cfg.reward_model.gradient_checkpointing:
+            critic.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.critic = engine.initialize(
+            critic, cfg, total_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=1
+        )
+        log.info(
+            "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), reference, critic ZeRO-%d, reward %s",
+            time.perf_counter() - started,
+            self.actor_zero,
+            self.lora_modules,
+            critic_zero,
+            stage.reward_from or "function",
+        )
+
+    @contextmanager
+    def generation_mode(self) -> Iterator[None]:
+        """The actor ready to generate: eval mode, ZeRO-3 parameters gathered once for the whole call (not per
+        token), LoRA merged into the base weights."""
+        module = self.actor.module
+        with ExitStack() as stack:
+            if self.actor_zero == 3:
+                import deepspeed
+
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters())))
+            stack.enter_context(merged_lora(module))
+            module.eval()
+            try:
+                yield
+            finally:
+                module.train()
+
+    @torch.no_grad()
+    def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> torch.Tensor:
+        """Prompt + response ids; responses stop at EOS (padded after it) or at max_new_tokens."""
+        stage = self.cfg.stage
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": stage.temperature}
+        if not greedy:
+            sampling |= {"top_p": stage.top_p, "top_k": 0}
+        with self.generation_mode():
+            return self.actor.module.generate(
+                input_ids=prompts["input_ids"].to(self.actor.device),
+                attention_mask=prompts["attention_mask"].to(self.actor.device),
+                max_new_tokens=stage.max_new_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+                use_cache=True,
+                synced_gpus=self.actor_zero == 3 and dist.world_size() > 1,
+                **sampling,
+            )
+
+    def score(self, prompts: list[str], responses: list[str], sequences: torch.Tensor, mask: torch.Tensor):
+        """The raw reward of each sequence: the reward function, the reward model on these token ids (shared
+        tokenizer), or on the texts re-tokenised with the reward model's tokenizer."""
+        if self.reward_fn is not None:
+            return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float)
+        if self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
+            return self.reward(sequences, mask).float().cpu()
+        fmt = PromptFormat.for_tokenizer(self.reward_tokenizer, self.cfg.data)
+        rows = [
+            encode_response(self.reward_tokenizer, fmt, p, r, self.cfg.data)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        batch = pad_right([{"input_ids": r, "labels": r} for r in rows], self.reward_tokenizer.pad_token_id)
+        return self.reward(batch["input_ids"], batch["attention_mask"]).float().cpu()
+
+
+def actor_logprobs(
+    model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float, entropy: bool = False
+):
+    """Log-probs of the response tokens (positions from `prompt_width` on) under the sampling distribution
+    (logits / temperature, as they were sampled) and, if asked, the entropy there."""
+    logits = model(input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask)).logits
+    logits = logits[:, prompt_width - 1 : -1] / temperature
+    logprobs = F.logprobs_of(logits, sequences[:, prompt_width:])
+    return (logprobs, F.entropy_of(logits)) if entropy else logprobs
+
+
+class PPOTrainer:
+    """PPO iterations over the prompt share of the data mix; the stage protocol plus the pieces of the loop
+    (`prompt_batches`, `generate_experience`, `train_step`) for people who write their own."""
+
+    name = "ppo"
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path | None = None,
+        tracker: Tracker | None = None,
+        engine: RLHFEngine | None = None,
+        reward_fn: RewardFn | None = None,
+    ) -> None:
+        self.cfg, self.run_dir, self.engine, self.reward_fn = cfg, run_dir, engine, reward_fn
+        self.tracker = tracker or Tracker(cfg, self.name, run_dir or Path("."), rank=1)  # rank 1: a no-op tracker
+        self.step = 0
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.ema: dict[str, torch.Tensor] | None = None
+        if engine is not None:
+            self.setup()
+
+    # 1. setup: prompts (too-long ones dropped and counted), PTX blocks, the four engines, KL controller, EMA
+    def setup(self) -> None:
+        cfg, stage = self.cfg, self.cfg.stage
+        torch.manual_seed(cfg.seed)
+        tokenizer = self.engine.tokenizer if self.engine else models.load_tokenizer(cfg.model, cache_dir(cfg))
+        self.tokenizer = tokenizer
+        data = self._processed_data()
+        self.prompts, self.eval_rows, self.dropped = data["train"], data["eval"], data["dropped"]
+        self.tracker.summary({f"data/{self.name}/{s}": n for s, n in data["counts"].items()})
+        self.tracker.summary({"data/ppo/dropped_too_long": self.dropped})
+        self.ptx_blocks = data["ptx"] if stage.ptx_coef > 0 else []
+        if stage.ptx_coef > 0 and not self.ptx_blocks:
+            raise DataError("stage.ptx_coef > 0 but the PTX source gives no block of max_prompt_len + max_answer_len")
+        self.steps_per_epoch, self.total_steps = plan_steps(len(self.prompts), stage, "PPO prompts")
+        if self.engine is None:
+            self.engine = RLHFEngine(cfg, self.total_steps, self.reward_fn)
+        self.kl_ctl = F.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
+        if stage.ema_beta > 0:
+            self.ema = {n: t.float().clone() for n, t in self._actor_state().items()} if self.rank == 0 else {}
+        log.info(
+            "ppo: %d prompts (%d dropped as longer than data.max_prompt_len=%d), %d eval prompts, %d iterations of "
+            "%d prompts, world size %d",
+            len(self.prompts),
+            self.dropped,
+            cfg.data.max_prompt_len,
+            len(self.eval_rows),
+            self.total_steps,
+            stage.global_batch,
+            self.world,
+        )
+
+    def _processed_data(self) -> dict:
+        cfg = self.cfg
+
+        def build() -> dict:
+            fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
+            rows = stage_rows(cfg.data, self.name)
+            train, dropped = encode_prompts(
+                self.tokenizer, fmt, [r["prompt"] for r in rows.train], cfg.data.max_prompt_len
+            )
+            gold = [r for r in rows.eval if "family" in r and isinstance(r["prompt"], str)]
+            eval_ids, _ = encode_prompts(self.tokenizer, fmt, [r["prompt"] for r in gold], cfg.data.max_prompt_len)
+            block = cfg.data.max_prompt_len + cfg.data.max_answer_len
+            return {
+                "train": train,
+                "dropped": dropped,
+                "eval": [{"prompt": r["prompt"], "input_ids": ids} for r, ids in zip(gold, eval_ids, strict=True)],
+                "counts": rows.counts,
+                "ptx": text_blocks(self.tokenizer, ptx_texts(cfg.data), block),
+            }
+
+        return shared(cache_dir(cfg), cache_key(cfg.data, self.name, self.tokenizer), build, cfg.data.rebuild)
+
+    def prompt_batches(self) -> Iterator[list[list[int]]]:
+        """This rank's prompts (token ids) for each remaining iteration: a pure function of (seed, step)."""
+        while self.step < self.total_steps:
+            mine = batch_indices(
+                len(self.prompts), self.cfg.stage.global_batch, self.cfg.seed, self.step, self.rank, self.world
+            )
+            yield [self.prompts[i] for i in mine]
+
+    # 2. experience: sample, then score with the four models
+    @torch.no_grad()
+    def generate_experience(self, prompt_ids: list[list[int]]) -> Experience:
+        eng, stage, tok = self.engine, self.cfg.stage, self.tokenizer
+        prompts = pad_left(prompt_ids, tok.pad_token_id)
+        width = prompts["input_ids"].shape[1]
+        sequences = eng.generate(prompts).cpu()
+        resp_mask = response_mask(sequences[:, width:], tok.eos_token_id)
+        resp_mask[:, 0] = 1
+        mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
+        texts = [
+            tok.decode(seq[width:][m.bool()], skip_special_tokens=True)
+            for seq, m in zip(sequences, resp_mask, strict=True)
+        ]
+        prompt_texts = [tok.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+
+        logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature)
+        ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature)
+        values = eng.critic(sequences, mask, per_token=True)[:, width - 1 : -1].float()
+        raw = eng.score(prompt_texts, texts, sequences, mask)
+        scores = raw.clone()
+        if stage.normalize_reward and eng.reward is not None:
+            scores = (scores - eng.reward_stats["mean"]) / max(eng.reward_stats["std"], 1e-8)
+        reached_eos = (sequences[:, width:] == tok.eos_token_id).any(dim=1)
+        scores = scores + stage.no_eos_penalty * (~reached_eos).float()
+        scores = scores.clamp(-stage.score_clip, stage.score_clip)
+
+        m = resp_mask.float()
+        kl = F.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
+        rewards = F.shaped_rewards(scores, kl, m, self.kl_ctl.value)
+        advantages, returns = F.gae(rewards, values * m, m, stage.gamma, stage.lam)
+        if stage.whiten_advantages:
+            advantages = F.whiten(advantages, m)
+        self._last_texts = list(zip(prompt_texts, texts, raw.tolist(), strict=True))
+        return Experience(
+            sequences,
+            mask,
+            resp_mask,
+            logprobs,
+            ref_logprobs,
+            values * m,
+            rewards,
+            advantages,
+            returns,
+            scores,
+            raw,
+            kl.sum(dim=1),
+        )
+
+    # 3. learning: ppo_epochs passes of clipped policy and value updates over micro-batches
+    def train_step(self, exp: Experience) -> dict[str, float]:
+        eng, stage = self.engine, self.cfg.stage
+        width = exp.sequences.shape[1] - exp.response_mask.shape[1]
+        micro = self.cfg.hardware.micro_batch
+        sums: dict[str, float] = {}
+        count = 0
+        for epoch in range(stage.ppo_epochs):
+            order = torch.randperm(
+                len(exp.sequences), generator=torch.Generator().manual_seed(self.cfg.seed + self.step * 131 + epoch)
+            )
+            for start in range(0, len(order), micro):
+                idx = order[start : start + micro]
+                seq, mask, m = exp.sequences[idx], exp.attention_mask[idx], exp.response_mask[idx].float()
+                logprobs, entropy = actor_logprobs(eng.actor, seq, mask, width, stage.temperature, entropy=True)
+                pg_loss, clipfrac, approx_kl = F.policy_loss(
+                    logprobs, exp.logprobs[idx], exp.advantages[idx], m, stage.clip_range
+                )
+                loss = pg_loss
+                stats = {
+                    "policy_loss": pg_loss.item(),
+                    "clipfrac": clipfrac.item(),
+                    "approx_kl": approx_kl.item(),
+                    "entropy": F.masked_mean(entropy.detach(), m).item(),
+                }
+                if self.ptx_blocks:
+                    ptx_loss = self._ptx_loss(start + epoch * len(order))
+                    loss = loss + stage.ptx_coef * ptx_loss
+                    stats["ptx_loss"] = ptx_loss.item()
+                eng.actor.backward(loss)
+                eng.actor.step()
+                if self.ema is not None:
+                    self._update_ema()
+
+                values = eng.critic(seq, mask, per_token=True)[:, width - 1 : -1].float()
+                v_loss, v_clipfrac = F.value_loss(values, exp.values[idx], exp.returns[idx], m, stage.value_clip)
+                eng.critic.backward(v_loss)
+                eng.critic.step()
+                stats |= {"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()}
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        self.step += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def _ptx_loss(self, offset: int) -> torch.Tensor:
+        micro = self.cfg.hardware.micro_batch
+        start = (self.step * self.cfg.stage.global_batch + offset + self.rank * micro) % len(self.ptx_blocks)
+        blocks = [self.ptx_blocks[(start + i) % len(self.ptx_blocks)] for i in range(micro)]
+        ids = torch.tensor(blocks)
+        return self.engine.actor(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+
+    def _actor_state(self) -> dict[str, torch.Tensor]:
+        """The actor's full weights with LoRA merged (gathered under ZeRO-3); on rank 0 only."""
+        state = dist.full_state_dict(self.engine.actor, self.engine.actor_zero)
+        if self.rank != 0:
+            return {}
+        return models.merge_lora_state_dict(state, models.lora_scalings(self.engine.actor.module))
+
+    def _update_ema(self) -> None:
+        beta = self.cfg.stage.ema_beta
+        for name, value in self._actor_state().items():
+            self.ema[name].mul_(beta).add_(value.float(), alpha=1.0 - beta)
+
+    # 4. the loop: iterations with metrics, sample tables, and the gold-score evaluation before, during and after
+    def train(self) -> dict:
+        _cfg, stage = self.cfg, self.cfg.stage
+        steplog = StepLog("ppo", self.total_steps, stage.log_interval, log, enabled=self.rank == 0)
+        evals: dict[str, float] = {}
+        if self.step == 0:
+            start = self.evaluate()
+            evals |= {f"{k.split('/')[1]}_start": v for k, v in start.items()}
+            self.tracker.log(start, step=0)
+        history: list[dict[str, float]] = []
+        gen_s_total = train_s_total = 0.0
+        for prompt_ids in self.prompt_batches():
+            started = time.perf_counter()
+            exp = self.generate_experience(prompt_ids)
+            gen_s = time.perf_counter() - started
+            stats = self.train_step(exp)
+            train_s = time.perf_counter() - started - gen_s
+            gen_s_total += gen_s
+            train_s_total += train_s
+            m = exp.response_mask.float()
+            lengths = exp.response_mask.sum(dim=1).float()
+            n_rows, score_sum, score_sq, raw_sum, kl_sum, len_sum, eos_sum, gen_tokens, train_tokens = (
+                dist.all_reduce_sum(
+                    [
+                        len(exp.scores),
+                        exp.scores.sum().item(),
+                        (exp.scores**2).sum().item(),
+                        exp.raw_scores.sum().item(),
+                        exp.kl.sum().item(),
+                        lengths.sum().item(),
+                        (exp.sequences[:, -exp.response_mask.shape[1] :] == self.tokenizer.eos_token_id)
+                        .any(dim=1)
+                        .sum()
+                        .item(),
+                        lengths.sum().item(),
+                        exp.attention_mask.sum().item() * stage.ppo_epochs,
+                    ]
+                )
+            )
+            reward_mean = score_sum / n_rows
+            kl_mean = kl_sum / n_rows
+            metrics = {
+                "ppo/reward_mean": reward_mean,
+                "ppo/reward_std": max(score_sq / n_rows - reward_mean**2, 0.0) ** 0.5,
+                "ppo/score_raw_mean": raw_sum / n_rows,
+                "ppo/kl": kl_mean,
+                "ppo/kl_coef": self.kl_ctl.value,
+                **{f"ppo/{k}": v for k, v in stats.items()},
+                "ppo/response_len": len_sum / n_rows,
+                "ppo/eos_rate": eos_sum / n_rows,
+                "ppo/value_explained_var": F.explained_variance(exp.values, exp.returns, m),
+                "ppo/actor_lr": self.engine.actor.get_lr()[0],
+                "perf/gen_tokens_per_s": gen_tokens / gen_s,
+                "perf/train_tokens_per_s": train_tokens / train_s,
+                "perf/gen_time_frac": gen_s / (gen_s + train_s),
+                "perf/step_s": gen_s + train_s,
+            }
+            self.kl_ctl.update(kl_mean, int(n_rows))
+            history.append(metrics)
+            if self.step % stage.eval_interval == 0 or self.step == self.total_steps:
+                metrics |= self.evaluate()
+                evals |= {k.split("/")[1]: metrics[k] for k in ("eval/gold_score", "eval/kl") if k in metrics}
+            self.tracker.log(metrics, step=self.step)
+            if self.step % stage.sample_table_interval == 0 or self.step == 1:
+                rows = [{"step": self.step, "prompt": p, "response": r, "score": s} for p, r, s in self._last_texts[:4]]
+                self.tracker.table("ppo/samples", rows, step=self.step)
+            shown = {k: metrics[k] for k in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss")}
+            steplog.step(self.step, shown, gen_tokens / gen_s, gen_s + train_s)
+        window = max(1, min(5, len(history) // 4))
+
+        def mean_of(key: str, rows: list[dict]) -> float:
+            return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+        total = gen_s_total + train_s_total
+        return {
+            "steps": self.step,
+            "samples": self.step * stage.global_batch,
+            "train_s": total,
+            "samples_per_s": len(history) * stage.global_batch / total if total else 0.0,
+            "s_per_step": total / len(history) if history else float("nan"),
+            "gen_time_frac": gen_s_total / total if total else float("nan"),
+            "tokens_per_s": mean_of("perf/train_tokens_per_s", history),
+            "gen_tokens_per_s": mean_of("perf/gen_tokens_per_s", history),
+            "reward_first": mean_of("ppo/reward_mean", history[:window]),
+            "reward_last": mean_of("ppo/reward_mean", history[-window:]),
+            "kl_first": mean_of("ppo/kl", history[:window]),
+            "kl_last": mean_of("ppo/kl", history[-window:]),
+            "kl_max": max((r["ppo/kl"] for r in history), default=float("nan")),
+            **evals,
+            "dropped_prompts": self.dropped,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The gold scorer's mean on held-out built-in prompts, answered greedily, and the KL (summed over the
+        response, k1) of those answers to the reference; empty when the mix has no built-in eval prompts."""
+        usable = min(self.cfg.stage.eval_prompts, len(self.eval_rows))
+        rows = self.eval_rows[: usable - usable % self.world][
+            self.rank :: self.world
+        ]  # equal shares keep ZeRO-3 ranks in step
+        if not rows:
+            return {}
+        gold_sum, kl_sum, n = 0.0, 0.0, 0
+        micro = max(self.cfg.hardware.micro_batch, 8)
+        for start in range(0, len(rows), micro):
+            chunk = rows[start : start + micro]
+            prompts = pad_left([r["input_ids"] for r in chunk], self.tokenizer.pad_token_id)
+            width = prompts["input_ids"].shape[1]
+            sequences = self.engine.generate(prompts, greedy=True).cpu()
+            resp_mask = response_mask(sequences[:, width:], self.tokenizer.eos_token_id)
+            resp_mask[:, 0] = 1
+            mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
+            logprobs = actor_logprobs(self.engine.actor, sequences, mask, width, 1.0)
+            ref = actor_logprobs(self.engine.reference, sequences, mask, width, 1.0)
+            kl_sum += ((logprobs - ref) * resp_mask).sum().item()
+            for row, seq, m in zip(chunk, sequences, resp_mask, strict=True):
+                text = self.tokenizer.decode(seq[width:][m.bool()], skip_special_tokens=True)
+                gold_sum += builtin.score(row["prompt"], text)
+            n += len(chunk)
+        gold_sum, kl_sum, n = dist.all_reduce_sum([gold_sum, kl_sum, n])
+        metrics = {"eval/gold_score": gold_sum / max(n, 1), "eval/kl": kl_sum / max(n, 1)}
+        if self.rank == 0:
+            log.info(
+                "ppo eval at step %d: gold score %.4f, KL to reference %.4f (%d prompts, greedy)",
+                self.step,
+                metrics["eval/gold_score"],
+                metrics["eval/kl"],
+                int(n),
+            )
+        return metrics
+
+    # 5. save: the actor (LoRA merged) and, with EMA, the EMA actor beside it
+    def save(self) -> Path:
+        state = self._actor_state()
+        target = self.run_dir / self.name / "final"
+        if self.rank == 0:
+            config, dtype = self.engine.actor.module.config, self.cfg.model.dtype
+            models.save_hf(config, state, self.tokenizer, target, dtype)
+            if self.ema is not None:
+                models.save_hf(config, self.ema, self.tokenizer, target.with_name("final-ema"), dtype)
+            log.info("ppo: final actor saved to %s%s", target, " (EMA beside it)" if self.ema is not None else "")
+        dist.barrier()
+        return target
+
+    # 6. full training state: both trained engines, the step, the KL coefficient and the EMA
+    def save_state(self, path: Path) -> None:
+        engine.save_training_state(self.engine.actor, path / "actor", self.step)
+        engine.save_training_state(self.engine.critic, path / "critic", self.step)
+        if self.rank == 0:
+            torch.save({"kl_coef": self.kl_ctl.value, "ema": self.ema}, path / "ppo_state.pt")
+
+    def load_state(self, path: Path) -> None:
+        self.step = engine.load_training_state(self.engine.actor, path / "actor")
+        engine.load_training_state(self.engine.critic, path / "critic")
+        extra = torch.load(path / "ppo_state.pt", weights_only=False)
+        self.kl_ctl.value = extra["kl_coef"]
+        if self.ema is not None and self.rank == 0:
+            self.ema = extra["ema"]
