@@ -2,13 +2,14 @@
 
 The key covers the resolved data option (sources, split, seed, lengths, template), each source file's path, size and
 modification time, the tokenizer (name, vocabulary size, special tokens, chat template), the stage, and the code
-that reads, adapts, splits, generates and tokenises data. Entries are
+that reads, adapts, splits, generates and tokenises data, and the stage's trainer (which builds the entry). Entries are
 written under a lock and renamed into place, so concurrent runs build once and a half-written entry is never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -53,7 +54,7 @@ def cache_key(data_cfg: DictConfig, stage: str, tokenizer) -> str:
         "files": source_files(data_cfg),
         "code": [
             hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
-            for m in (rlhf.data, builtin, formats, sources, tokenize)
+            for m in (rlhf.data, builtin, formats, sources, tokenize, importlib.import_module(f"rlhf.stages.{stage}"))
         ],
         "tokenizer": [
             tokenizer.name_or_path,

@@ -262,12 +262,17 @@ class PPOTrainer:
                 self.tokenizer, fmt, [r["prompt"] for r in rows.train], cfg.data.max_prompt_len
             )
             gold = [r for r in rows.eval if "family" in r and isinstance(r["prompt"], str)]
-            eval_ids, _ = encode_prompts(self.tokenizer, fmt, [r["prompt"] for r in gold], cfg.data.max_prompt_len)
+            max_len = cfg.data.max_prompt_len
+            eval_rows = [  # one prompt at a time, so a dropped one cannot shift the others
+                {"prompt": r["prompt"], "input_ids": ids}
+                for r in gold
+                for ids in encode_prompts(self.tokenizer, fmt, [r["prompt"]], max_len)[0]
+            ]
             block = cfg.data.max_prompt_len + cfg.data.max_answer_len
             return {
                 "train": train,
                 "dropped": dropped,
-                "eval": [{"prompt": r["prompt"], "input_ids": ids} for r, ids in zip(gold, eval_ids, strict=True)],
+                "eval": eval_rows,
                 "counts": rows.counts,
                 "ptx": text_blocks(self.tokenizer, ptx_texts(cfg.data), block),
             }
