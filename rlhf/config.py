@@ -163,7 +163,7 @@ class PPOStageConfig:
     whiten_advantages: bool = True
     clip_range: float = 0.2
     value_clip: float = 0.2
-    ema_beta: float = 0.0  # > 0: keep an EMA of the actor (e.g. 0.992), saved beside it
+    ema_beta: float = 0.0  # > 0: an EMA of the actor, updated each iteration (e.g. 0.9), saved beside it
     ptx_coef: float = 0.0  # > 0 with data.ptx: a language-model loss on pre-training text mixed into the actor's
     sample_table_interval: int = 10  # iterations between W&B tables of sample prompts and responses
 

@@ -62,7 +62,8 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Sums of `values` over all ranks (the values themselves in a single process)."""
     if not is_initialized() or world_size() == 1:
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    device = f"cuda:{torch.cuda.current_device()}" if torch_dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(tensor)
     return tensor.tolist()
 

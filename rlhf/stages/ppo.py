@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
 from rlhf import dist, engine, models
-from rlhf.config import cache_dir
+from rlhf.config import cache_dir, world_size
 from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
 from rlhf.data.cache import cache_key, shared
 from rlhf.data.tokenize import PromptFormat, encode_prompts, encode_response, pad_left, pad_right, text_blocks
@@ -30,7 +30,7 @@ from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[[list[str], list[str]], list[float]]  # (prompts, responses) -> scores, instead of a model
+RewardFn = Callable[[list, list[str]], list[float]]  # (prompts as written, responses) -> scores, for a model
 
 
 class Experience(NamedTuple):
@@ -100,13 +100,15 @@ class RLHFEngine:
         self.actor_zero = hw_zero if stage.actor_zero_stage < 0 else stage.actor_zero_stage
         critic_zero = hw_zero if stage.critic_zero_stage < 0 else stage.critic_zero_stage
         started = time.perf_counter()
+        per_rank = stage.global_batch // world_size(cfg)
+        optimizer_steps = total_steps * stage.ppo_epochs * -(-per_rank // cfg.hardware.micro_batch)
 
         actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
         reference = copy.deepcopy(actor)
         self.lora_modules = models.apply_lora(actor, cfg.model.lora)
         if cfg.model.gradient_checkpointing:
             actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        self.actor = engine.initialize(actor, cfg, total_steps, zero_stage=self.actor_zero, accumulation=1)
+        self.actor = engine.initialize(actor, cfg, optimizer_steps, zero_stage=self.actor_zero, accumulation=1)
         self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero)
 
         self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
@@ -125,7 +127,7 @@ class RLHFEngine:
         if cfg.reward_model.gradient_checkpointing:
             critic.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.critic = engine.initialize(
-            critic, cfg, total_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=1
+            critic, cfg, optimizer_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=1
         )
         log.info(
             "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), reference, critic ZeRO-%d, reward %s",
@@ -138,20 +140,27 @@ class RLHFEngine:
 
     @contextmanager
     def generation_mode(self) -> Iterator[None]:
-        """The actor ready to generate: eval mode, ZeRO-3 parameters gathered once for the whole call (not per
-        token), LoRA merged into the base weights."""
+        """The actor ready to generate: eval mode, ZeRO-3 parameters gathered for the whole call, LoRA merged into
+        the base weights (not under ZeRO-3, where the engine may re-partition weights between forward passes)."""
         module = self.actor.module
         with ExitStack() as stack:
             if self.actor_zero == 3:
                 import deepspeed
 
                 stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters())))
-            stack.enter_context(merged_lora(module))
+            else:
+                stack.enter_context(merged_lora(module))
             module.eval()
-            try:
-                yield
-            finally:
-                module.train()
+            yield
+
+    def eval_mode(self) -> None:
+        """Actor and critic without dropout: experience and evaluation must see the policy PPO compares against."""
+        self.actor.module.eval()
+        self.critic.module.eval()
+
+    def train_mode(self) -> None:
+        self.actor.module.train()
+        self.critic.module.train()
 
     @torch.no_grad()
     def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> torch.Tensor:
@@ -178,14 +187,15 @@ class RLHFEngine:
         if self.reward_fn is not None:
             return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float)
         if self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
-            return self.reward(sequences, mask).float().cpu()
+            return self.reward(sequences.to(self.reward.device), mask.to(self.reward.device)).float().cpu()
         fmt = PromptFormat.for_tokenizer(self.reward_tokenizer, self.cfg.data)
         rows = [
             encode_response(self.reward_tokenizer, fmt, p, r, self.cfg.data)
             for p, r in zip(prompts, responses, strict=True)
         ]
         batch = pad_right([{"input_ids": r, "labels": r} for r in rows], self.reward_tokenizer.pad_token_id)
-        return self.reward(batch["input_ids"], batch["attention_mask"]).float().cpu()
+        device = self.reward.device
+        return self.reward(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
 
 
 def actor_logprobs(
@@ -193,6 +203,7 @@ def actor_logprobs(
 ):
     """Log-probs of the response tokens (positions from `prompt_width` on) under the sampling distribution
     (logits / temperature, as they were sampled) and, if asked, the entropy there."""
+    sequences, mask = sequences.to(model.device), mask.to(model.device)
     logits = model(input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask)).logits
     logits = logits[:, prompt_width - 1 : -1] / temperature
     logprobs = F.logprobs_of(logits, sequences[:, prompt_width:])
@@ -239,7 +250,8 @@ class PPOTrainer:
             self.engine = RLHFEngine(cfg, self.total_steps, self.reward_fn)
         self.kl_ctl = F.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
         if stage.ema_beta > 0:
-            self.ema = {n: t.float().clone() for n, t in self._actor_state().items()} if self.rank == 0 else {}
+            state = self._actor_state()  # every rank joins the gather; rank 0 keeps the copy
+            self.ema = {n: t.float().clone() for n, t in state.items()}
         log.info(
             "ppo: %d prompts (%d dropped as longer than data.max_prompt_len=%d), %d eval prompts, %d iterations of "
             "%d prompts, world size %d",
@@ -258,16 +270,18 @@ class PPOTrainer:
         def build() -> dict:
             fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
             rows = stage_rows(cfg.data, self.name)
-            train, dropped = encode_prompts(
-                self.tokenizer, fmt, [r["prompt"] for r in rows.train], cfg.data.max_prompt_len
-            )
-            gold = [r for r in rows.eval if "family" in r and isinstance(r["prompt"], str)]
             max_len = cfg.data.max_prompt_len
-            eval_rows = [  # one prompt at a time, so a dropped one cannot shift the others
-                {"prompt": r["prompt"], "input_ids": ids}
-                for r in gold
-                for ids in encode_prompts(self.tokenizer, fmt, [r["prompt"]], max_len)[0]
-            ]
+
+            def encode(prompts: list) -> list[dict]:  # one at a time, so a dropped prompt cannot shift the others
+                return [
+                    {"prompt": p, "input_ids": ids}
+                    for p in prompts
+                    for ids in encode_prompts(self.tokenizer, fmt, [p], max_len)[0]
+                ]
+
+            train = encode([r["prompt"] for r in rows.train])
+            dropped = len(rows.train) - len(train)
+            eval_rows = encode([r["prompt"] for r in rows.eval if "family" in r and isinstance(r["prompt"], str)])
             block = cfg.data.max_prompt_len + cfg.data.max_answer_len
             return {
                 "train": train,
@@ -279,8 +293,8 @@ class PPOTrainer:
 
         return shared(cache_dir(cfg), cache_key(cfg.data, self.name, self.tokenizer), build, cfg.data.rebuild)
 
-    def prompt_batches(self) -> Iterator[list[list[int]]]:
-        """This rank's prompts (token ids) for each remaining iteration: a pure function of (seed, step)."""
+    def prompt_batches(self) -> Iterator[list[dict]]:
+        """This rank's prompts ({prompt, input_ids}) for each remaining iteration: a pure function of (seed, step)."""
         while self.step < self.total_steps:
             mine = batch_indices(
                 len(self.prompts), self.cfg.stage.global_batch, self.cfg.seed, self.step, self.rank, self.world
@@ -289,9 +303,11 @@ class PPOTrainer:
 
     # 2. experience: sample, then score with the four models
     @torch.no_grad()
-    def generate_experience(self, prompt_ids: list[list[int]]) -> Experience:
+    def generate_experience(self, batch: list[dict]) -> Experience:
+        """Rollouts for prompts as `prompt_batches` gives them ({prompt, input_ids})."""
         eng, stage, tok = self.engine, self.cfg.stage, self.tokenizer
-        prompts = pad_left(prompt_ids, tok.pad_token_id)
+        eng.eval_mode()
+        prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id)
         width = prompts["input_ids"].shape[1]
         sequences = eng.generate(prompts).cpu()
         resp_mask = response_mask(sequences[:, width:], tok.eos_token_id)
@@ -301,11 +317,12 @@ class PPOTrainer:
             tok.decode(seq[width:][m.bool()], skip_special_tokens=True)
             for seq, m in zip(sequences, resp_mask, strict=True)
         ]
-        prompt_texts = [tok.decode(ids, skip_special_tokens=True) for ids in prompt_ids]
+        prompt_texts = [row["prompt"] for row in batch]  # as written (a string or chat messages), not templated
 
-        logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature)
-        ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature)
-        values = eng.critic(sequences, mask, per_token=True)[:, width - 1 : -1].float()
+        logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
+        ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
+        device = eng.critic.device
+        values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
         raw = eng.score(prompt_texts, texts, sequences, mask)
         scores = raw.clone()
         if stage.normalize_reward and eng.reward is not None:
@@ -341,19 +358,21 @@ class PPOTrainer:
         eng, stage = self.engine, self.cfg.stage
         width = exp.sequences.shape[1] - exp.response_mask.shape[1]
         micro = self.cfg.hardware.micro_batch
+        actor_dev, critic_dev = eng.actor.device, eng.critic.device
         sums: dict[str, float] = {}
         count = 0
+        eng.train_mode()
         for epoch in range(stage.ppo_epochs):
             order = torch.randperm(
                 len(exp.sequences), generator=torch.Generator().manual_seed(self.cfg.seed + self.step * 131 + epoch)
             )
             for start in range(0, len(order), micro):
                 idx = order[start : start + micro]
-                seq, mask, m = exp.sequences[idx], exp.attention_mask[idx], exp.response_mask[idx].float()
+                seq, mask = exp.sequences[idx], exp.attention_mask[idx]
+                m = exp.response_mask[idx].float().to(actor_dev)
                 logprobs, entropy = actor_logprobs(eng.actor, seq, mask, width, stage.temperature, entropy=True)
-                pg_loss, clipfrac, approx_kl = F.policy_loss(
-                    logprobs, exp.logprobs[idx], exp.advantages[idx], m, stage.clip_range
-                )
+                old, advantages = exp.logprobs[idx].to(actor_dev), exp.advantages[idx].to(actor_dev)
+                pg_loss, clipfrac, approx_kl = F.policy_loss(logprobs, old, advantages, m, stage.clip_range)
                 loss = pg_loss
                 stats = {
                     "policy_loss": pg_loss.item(),
@@ -367,17 +386,19 @@ class PPOTrainer:
                     stats["ptx_loss"] = ptx_loss.item()
                 eng.actor.backward(loss)
                 eng.actor.step()
-                if self.ema is not None:
-                    self._update_ema()
 
-                values = eng.critic(seq, mask, per_token=True)[:, width - 1 : -1].float()
-                v_loss, v_clipfrac = F.value_loss(values, exp.values[idx], exp.returns[idx], m, stage.value_clip)
+                m = m.to(critic_dev)
+                values = eng.critic(seq.to(critic_dev), mask.to(critic_dev), per_token=True)[:, width - 1 : -1]
+                old_values, returns = exp.values[idx].to(critic_dev), exp.returns[idx].to(critic_dev)
+                v_loss, v_clipfrac = F.value_loss(values.float(), old_values, returns, m, stage.value_clip)
                 eng.critic.backward(v_loss)
                 eng.critic.step()
                 stats |= {"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()}
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
+        if self.ema is not None:  # once per iteration: under ZeRO-3 it gathers the whole actor
+            self._update_ema()
         self.step += 1
         return {k: v / count for k, v in sums.items()}
 
@@ -385,7 +406,7 @@ class PPOTrainer:
         micro = self.cfg.hardware.micro_batch
         start = (self.step * self.cfg.stage.global_batch + offset + self.rank * micro) % len(self.ptx_blocks)
         blocks = [self.ptx_blocks[(start + i) % len(self.ptx_blocks)] for i in range(micro)]
-        ids = torch.tensor(blocks)
+        ids = torch.tensor(blocks, device=self.engine.actor.device)
         return self.engine.actor(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
 
     def _actor_state(self) -> dict[str, torch.Tensor]:
@@ -411,9 +432,9 @@ class PPOTrainer:
             self.tracker.log(start, step=0)
         history: list[dict[str, float]] = []
         gen_s_total = train_s_total = 0.0
-        for prompt_ids in self.prompt_batches():
+        for batch in self.prompt_batches():
             started = time.perf_counter()
-            exp = self.generate_experience(prompt_ids)
+            exp = self.generate_experience(batch)
             gen_s = time.perf_counter() - started
             stats = self.train_step(exp)
             train_s = time.perf_counter() - started - gen_s
@@ -464,7 +485,9 @@ class PPOTrainer:
                 evals |= {k.split("/")[1]: metrics[k] for k in ("eval/gold_score", "eval/kl") if k in metrics}
             self.tracker.log(metrics, step=self.step)
             if self.step % stage.sample_table_interval == 0 or self.step == 1:
-                rows = [{"step": self.step, "prompt": p, "response": r, "score": s} for p, r, s in self._last_texts[:4]]
+                rows = [
+                    {"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in self._last_texts[:4]
+                ]
                 self.tracker.table("ppo/samples", rows, step=self.step)
             shown = {k: metrics[k] for k in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss")}
             steplog.step(self.step, shown, gen_tokens / gen_s, gen_s + train_s)
@@ -503,6 +526,7 @@ class PPOTrainer:
         if not rows:
             return {}
         gold_sum, kl_sum, n = 0.0, 0.0, 0
+        self.engine.eval_mode()
         micro = max(self.cfg.hardware.micro_batch, 8)
         for start in range(0, len(rows), micro):
             chunk = rows[start : start + micro]
