@@ -303,6 +303,20 @@ def _forward_args(module: nn.Module) -> tuple[str, ...]:
     return tuple(inspect.signature(module.forward).parameters)
 
 
+def prepare_for_training(model: nn.Module, model_cfg: DictConfig) -> int:
+    """LoRA and gradient checkpointing as the model option asks, for a causal LM or a reward/critic model (whose
+    scalar head always trains, LoRA-only or not); returns how many Linears got LoRA."""
+    wrapped = apply_lora(model, model_cfg.lora)
+    backbone = model
+    if isinstance(model, RewardModel):
+        model.score.weight.requires_grad_(True)
+        backbone = model.model
+    if model_cfg.gradient_checkpointing:
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        backbone.config.use_cache = False  # generation asks for the KV cache explicitly
+    return wrapped
+
+
 def reward_model_from_lm(lm: nn.Module) -> RewardModel:
     """A reward model on the backbone of a causal LM (its LM head dropped), with a fresh scalar head."""
     config = copy.deepcopy(lm.config)

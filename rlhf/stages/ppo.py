@@ -105,9 +105,7 @@ class RLHFEngine:
 
         actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
         reference = copy.deepcopy(actor)
-        self.lora_modules = models.apply_lora(actor, cfg.model.lora)
-        if cfg.model.gradient_checkpointing:
-            actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.lora_modules = models.prepare_for_training(actor, cfg.model)
         self.actor = engine.initialize(actor, cfg, optimizer_steps, zero_stage=self.actor_zero, accumulation=1)
         self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero)
 
@@ -122,10 +120,7 @@ class RLHFEngine:
         else:  # a reward function and no reward model: a fresh head on the reward_model backbone
             lm = models.load_causal_lm(cfg.reward_model, self.tokenizer, cfg.seed, "", root)
             critic = models.reward_model_from_lm(lm)
-        models.apply_lora(critic, cfg.reward_model.lora)
-        critic.score.weight.requires_grad_(True)
-        if cfg.reward_model.gradient_checkpointing:
-            critic.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        models.prepare_for_training(critic, cfg.reward_model)
         self.critic = engine.initialize(
             critic, cfg, optimizer_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=1
         )
@@ -236,8 +231,7 @@ class PPOTrainer:
     def setup(self) -> None:
         cfg, stage = self.cfg, self.cfg.stage
         torch.manual_seed(cfg.seed)
-        tokenizer = self.engine.tokenizer if self.engine else models.load_tokenizer(cfg.model, cache_dir(cfg))
-        self.tokenizer = tokenizer
+        self.tokenizer = self.engine.tokenizer if self.engine else models.load_tokenizer(cfg.model, cache_dir(cfg))
         data = self._processed_data()
         self.prompts, self.eval_rows, self.dropped = data["train"], data["eval"], data["dropped"]
         self.tracker.summary({f"data/{self.name}/{s}": n for s, n in data["counts"].items()})

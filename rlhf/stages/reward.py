@@ -57,10 +57,7 @@ class RewardTrainer:
         lm = models.load_causal_lm(model_cfg, self.tokenizer, cfg.seed, cfg.stage.init_from, cache_dir(cfg))
         model = models.reward_model_from_lm(lm)
         del lm
-        self.lora_modules = models.apply_lora(model, model_cfg.lora)
-        model.score.weight.requires_grad_(True)  # the head always trains, LoRA-only or not
-        if model_cfg.gradient_checkpointing:
-            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.lora_modules = models.prepare_for_training(model, model_cfg)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -42,10 +42,7 @@ class SFTTrainer:
         self.tracker.summary({f"data/{self.name}/{source}": n for source, n in processed["counts"].items()})
 
         model = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from, cache_dir(cfg))
-        self.lora_modules = models.apply_lora(model, cfg.model.lora)
-        if cfg.model.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
+        self.lora_modules = models.prepare_for_training(model, cfg.model)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.n_lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
