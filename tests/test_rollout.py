@@ -1,0 +1,97 @@
+"""The rollout engine against `transformers.generate`: the same greedy tokens, EOS handling and left padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from rlhf import rollout
+from rlhf.data.tokenize import pad_left
+
+EOS, PAD = 2, 0
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.5,  # large random weights: greedy tokens vary from step to step and row to row
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def prompts(lengths: list[int], seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in lengths]
+    return pad_left(rows, PAD)
+
+
+def hf_greedy(model, batch: dict, new: int, eos: int) -> torch.Tensor:
+    return model.generate(**batch, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+
+
+def test_greedy_matches_generate_token_for_token_with_left_padding() -> None:
+    model = tiny_model()
+    batch = prompts([5, 9, 3, 12])
+    ours = rollout.generate(model, batch["input_ids"], batch["attention_mask"], 16, EOS, PAD, temperature=0)
+    theirs = hf_greedy(model, batch, 16, EOS)
+    assert ours.shape == theirs.shape == (4, 12 + 16)
+    assert torch.equal(ours, theirs)
+    assert len(set(ours[:, 12:].flatten().tolist())) > 5  # a real test: varied tokens
+
+
+def test_rows_stop_at_eos_and_the_loop_ends_when_all_have() -> None:
+    model = tiny_model()
+    batch = prompts([5, 9, 3, 12])
+    free = rollout.generate(model, batch["input_ids"], batch["attention_mask"], 16, EOS, PAD, temperature=0)
+    eos = int(free[1, 12 + 3])  # row 1's fourth token becomes the end-of-sequence token
+    ours = rollout.generate(model, batch["input_ids"], batch["attention_mask"], 16, eos, PAD, temperature=0)
+    theirs = hf_greedy(model, batch, 16, eos)
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])
+    row = ours[1, 12:].tolist()
+    stop = row.index(eos)
+    assert stop <= 3 and all(t == PAD for t in row[stop + 1 :])
+    everyone = torch.full((4, 12), eos)  # every row ends on its first token: one step, no more
+    single = rollout.generate(model, everyone, torch.ones_like(everyone), 16, eos, PAD, temperature=0)
+    assert single.shape[1] <= 12 + 16
+
+
+def test_sampling_follows_temperature_and_top_p() -> None:
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]] * 2000)
+    gen = torch.Generator().manual_seed(0)
+    tight = rollout.sample_next(logits, 1.0, 0.5, gen)
+    assert (tight == 2).all()  # the top token alone holds more than half of the mass
+    loose = rollout.sample_next(logits, 1.0, 1.0, gen)
+    share = (loose == 2).float().mean().item()
+    expected = torch.softmax(logits[0], dim=0)[2].item()
+    assert abs(share - expected) < 0.04
+    hot = rollout.sample_next(logits, 5.0, 1.0, gen)
+    assert (hot == 2).float().mean().item() < share - 0.2
+
+
+@pytest.mark.slow
+def test_greedy_matches_generate_on_the_embedded_model() -> None:
+    from rlhf.config import compose
+    from rlhf.data import builtin
+    from rlhf.data.tokenize import PromptFormat, encode_prompts
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    cfg = compose(["stage=ppo"])
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model, tokenizer, 0).eval()
+    fmt = PromptFormat.for_tokenizer(tokenizer, cfg.data)
+    ids, _ = encode_prompts(tokenizer, fmt, [p.prompt for p in builtin.generate(8, 3)], 192)
+    batch = pad_left(ids, tokenizer.pad_token_id)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ours = rollout.generate(model, batch["input_ids"], batch["attention_mask"], 32, eos, pad, temperature=0)
+    theirs = model.generate(**batch, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])
