@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf.config import CONF_DIR, ConfigError, register_configs, validate
@@ -26,10 +27,21 @@ def main(cfg: DictConfig) -> None:
         log.error("%s", err)
         sys.exit(2)
 
-    from rlhf.launch import run_stage
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.logger.group:
+        cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep, named like its folder
+    if cfg.dry_run:
+        from rlhf.plan import dry_run
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    code = run_stage(cfg, run_dir)
+        code = dry_run(cfg, run_dir)
+        if code != 0:
+            sys.exit(code)
+        return
+
+    from rlhf.launch import run
+
+    code = run(cfg, run_dir)
     if code != 0:
         sys.exit(code)
 

@@ -7,6 +7,7 @@ Hydra's own message, before anything loads. Rules that span fields live in `vali
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -66,11 +67,18 @@ class LoraConfig:
 
 
 @dataclass
-class TinyArch:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    intermediate_size: int = 256
+class ArchConfig:
+    """A transformer's shape: builds `tiny` models, and sizes any model in a dry run without loading it
+    (0: read it from the model's config.json when that is on disk)."""
+
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    num_kv_heads: int = 0  # 0: num_heads (no grouped-query attention)
+    intermediate_size: int = 0
+    vocab_size: int = 0
+    gated_mlp: bool = True  # three MLP matrices (llama) rather than two (OPT, GPT-2)
+    tied_embeddings: bool = True
 
 
 @dataclass
@@ -83,7 +91,7 @@ class ModelConfig:
     max_length: int = 512
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
-    tiny: TinyArch = field(default_factory=TinyArch)
+    arch: ArchConfig = field(default_factory=ArchConfig)
 
 
 @dataclass
@@ -99,6 +107,8 @@ class HardwareConfig:
     micro_batch: int = 4
     device_memory_gb: float = 24.0
     cost_per_device_hour: float = 0.0
+    peak_tflops: float = 0.1  # one device's matmul peak at `precision` (dry-run time estimates)
+    expected_mfu: float = 0.4  # the share of that peak a stage is expected to reach
     threads_per_proc: int = 0  # 0: the machine's cores shared evenly between local processes
 
 
@@ -148,6 +158,7 @@ class PPOStageConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
+    rollout: str = "engine"  # engine: the rollout engine (rlhf/rollout.py); generate: transformers' generate
     # reward shaping
     kl_coef: float = 0.05
     kl_estimator: str = "k1"  # k1 or k3
@@ -158,6 +169,7 @@ class PPOStageConfig:
     no_eos_penalty: float = 0.0  # added to the score of a response that never reaches EOS (e.g. -1.0)
     # learning
     ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer steps per PPO epoch; each accumulates global_batch / mini_batches samples
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -166,6 +178,21 @@ class PPOStageConfig:
     ema_beta: float = 0.0  # > 0: an EMA of the actor, updated each iteration (e.g. 0.9), saved beside it
     ptx_coef: float = 0.0  # > 0 with data.ptx: a language-model loss on pre-training text mixed into the actor's
     sample_table_interval: int = 10  # iterations between W&B tables of sample prompts and responses
+
+
+PIPELINE_ORDER = ("sft", "reward", "ppo")
+
+
+@dataclass
+class PipelineStageConfig:
+    """The three stages in a row, each with its own options (`stage.sft.*`, `stage.reward.*`, `stage.ppo.*`); the
+    SFT output becomes PPO's actor and the reward output its reward model unless `stage.ppo.*_from` names others."""
+
+    name: str = "pipeline"
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_ORDER))  # a subset runs only those stages
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
 
 
 @dataclass
@@ -201,7 +228,8 @@ class OptimizerConfig:
     name: str = MISSING
     lr: float = 1e-5
     lora_lr: float = 5e-4
-    critic_lr: float = 5e-6  # PPO's critic (the actor uses `lr`)
+    actor_lr: float = 1e-5  # PPO's actor (SFT and the reward model use `lr`)
+    critic_lr: float = 5e-6  # PPO's critic
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0
@@ -233,9 +261,15 @@ class RLHFConfig:
     seed: int = 1234
     run_name: str = ""  # empty: derived from the stage and the model
     cache_dir: str = ""  # empty: $RLHF_CACHE or ~/.cache/rlhf
+    dry_run: bool = False  # print the plan (memory per device, tokens, time, cost) and exit without loading weights
 
 
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTStageConfig, "reward": RewardStageConfig, "ppo": PPOStageConfig}
+STAGE_SCHEMAS: dict[str, type] = {
+    "sft": SFTStageConfig,
+    "reward": RewardStageConfig,
+    "ppo": PPOStageConfig,
+    "pipeline": PipelineStageConfig,
+}
 
 
 def register_configs() -> None:
@@ -263,8 +297,19 @@ def grad_accum_steps(cfg: DictConfig) -> int:
     return cfg.stage.global_batch // (world_size(cfg) * cfg.hardware.micro_batch)
 
 
+def stage_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The config of one stage of a pipeline run: a copy of `cfg` whose `stage` is `stage.<name>`."""
+    sub = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stage"])
+    OmegaConf.set_struct(sub, False)
+    sub.stage = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[name]), cfg.stage[name])
+    return sub
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the rules that span fields; raise ConfigError listing every broken rule with its keys."""
+    if cfg.stage.name == "pipeline":
+        _validate_pipeline(cfg)
+        return
     errors: list[str] = []
 
     def need(ok: bool, message: str) -> None:
@@ -276,6 +321,8 @@ def validate(cfg: DictConfig) -> None:
     need(hw.nodes >= 1, f"hardware.nodes={hw.nodes} must be >= 1")
     need(hw.procs_per_node >= 1, f"hardware.procs_per_node={hw.procs_per_node} must be >= 1")
     need(hw.micro_batch >= 1, f"hardware.micro_batch={hw.micro_batch} must be >= 1")
+    need(hw.peak_tflops > 0, f"hardware.peak_tflops={hw.peak_tflops} must be > 0")
+    need(0 < hw.expected_mfu <= 1, f"hardware.expected_mfu={hw.expected_mfu} must be in (0, 1]")
     need(
         not (hw.accelerator == Accelerator.cpu and hw.precision == DType.fp16),
         "hardware.precision=fp16 is not supported with hardware.accelerator=cpu; use bf16 or fp32",
@@ -315,6 +362,8 @@ def validate(cfg: DictConfig) -> None:
         )
 
     need(opt.lr > 0, f"optimizer.lr={opt.lr} must be > 0")
+    need(opt.actor_lr > 0, f"optimizer.actor_lr={opt.actor_lr} must be > 0")
+    need(opt.critic_lr > 0, f"optimizer.critic_lr={opt.critic_lr} must be > 0")
     need(opt.lora_lr > 0, f"optimizer.lora_lr={opt.lora_lr} must be > 0")
     need(
         len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
@@ -335,7 +384,15 @@ def validate(cfg: DictConfig) -> None:
         need(stage.max_new_tokens >= 1, f"stage.max_new_tokens={stage.max_new_tokens} must be >= 1")
         need(stage.temperature > 0, f"stage.temperature={stage.temperature} must be > 0")
         need(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p} must be in (0, 1]")
+        need(stage.rollout in ("engine", "generate"), f"stage.rollout={stage.rollout} must be engine or generate")
         need(0 <= stage.ema_beta < 1, f"stage.ema_beta={stage.ema_beta} must be in [0, 1)")
+        need(stage.ppo_epochs >= 1, f"stage.ppo_epochs={stage.ppo_epochs} must be >= 1")
+        per_update = world_size(cfg) * hw.micro_batch * stage.mini_batches
+        need(
+            stage.mini_batches >= 1 and stage.global_batch % per_update == 0,
+            f"stage.global_batch={stage.global_batch} must split into stage.mini_batches={stage.mini_batches} "
+            f"optimizer steps of whole micro-batches on every rank (a multiple of {per_update})",
+        )
         need(
             stage.ptx_coef == 0 or bool(data.ptx.path or data.ptx.name),
             f"stage.ptx_coef={stage.ptx_coef} needs a PTX source (data.ptx.path=...)",
@@ -396,6 +453,31 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
 
+def _validate_pipeline(cfg: DictConfig) -> None:
+    """Each chosen stage's rules (keys named `stage.<name>.*`) and the hand-over between stages."""
+    stages = list(cfg.stage.stages)
+    errors: list[str] = []
+    if not stages or any(s not in PIPELINE_ORDER for s in stages) or len(set(stages)) != len(stages):
+        errors.append(f"stage.stages={stages} must be distinct names from {list(PIPELINE_ORDER)}")
+    elif stages != sorted(stages, key=PIPELINE_ORDER.index):
+        errors.append(f"stage.stages={stages} must keep the order {list(PIPELINE_ORDER)}")
+    else:
+        for name in stages:
+            try:
+                validate(stage_config(cfg, name))
+            except ConfigError as err:
+                for line in str(err).splitlines()[1:]:
+                    message = re.sub(r"\bstage\.", f"stage.{name}.", line.strip()[2:])
+                    if message not in errors:
+                        errors.append(message)
+        if "ppo" in stages and "reward" not in stages and not cfg.stage.ppo.reward_from:
+            errors.append(
+                "stage.stages runs ppo without reward: set stage.ppo.reward_from=<run>/reward/final (a reward output)"
+            )
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
 def typed(cfg: DictConfig | dict) -> DictConfig:
     """Merge a plain (e.g. re-loaded) config into the schemas so enums and types are restored."""
     merged = OmegaConf.merge(OmegaConf.structured(RLHFConfig), {k: v for k, v in dict(cfg).items() if k != "stage"})
@@ -404,15 +486,17 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
-def save_resolved(cfg: DictConfig, run_dir: Path) -> Path:
+def save_resolved(cfg: DictConfig, folder: Path) -> Path:
     """Write the resolved config where worker processes read it (no Hydra composition per rank)."""
-    path = run_dir / RESOLVED_CONFIG_NAME
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RESOLVED_CONFIG_NAME
     path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return path
 
 
-def load_resolved(run_dir: Path) -> DictConfig:
-    return typed(OmegaConf.load(run_dir / RESOLVED_CONFIG_NAME))
+def load_resolved(path: Path) -> DictConfig:
+    """A config written by `save_resolved`: its file, or the folder holding it."""
+    return typed(OmegaConf.load(path / RESOLVED_CONFIG_NAME if path.is_dir() else path))
 
 
 def cache_dir(cfg: DictConfig | None = None) -> Path:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf import dist
-from rlhf.config import Accelerator, load_resolved, save_resolved, world_size
+from rlhf.config import RESOLVED_CONFIG_NAME, Accelerator, load_resolved, save_resolved, world_size
 
 log = logging.getLogger("rlhf")
 
@@ -35,8 +35,9 @@ def backend(cfg: DictConfig) -> str:
     return "gloo" if cfg.hardware.accelerator == Accelerator.cpu else "nccl"
 
 
-def run_stage(cfg: DictConfig, run_dir: Path) -> int:
-    """Run the configured stage; return the exit code (0 on success, 2 for unusable input, else the workers')."""
+def run(cfg: DictConfig, run_dir: Path) -> int:
+    """Run the configured stage, or each stage of a pipeline; return the exit code (0 on success, 2 for unusable
+    input, else the workers')."""
     if cfg.hardware.accelerator == Accelerator.cuda and not torch.cuda.is_available():
         log.error(
             "hardware=%s needs CUDA GPUs and none is visible here; use hardware=cpu or hardware=cpu-2proc",
@@ -44,11 +45,20 @@ def run_stage(cfg: DictConfig, run_dir: Path) -> int:
         )
         return 2
     save_resolved(cfg, run_dir)
+    if cfg.stage.name == "pipeline":
+        from rlhf.pipeline import run_pipeline
+
+        return run_pipeline(cfg, run_dir)
+    return run_stage(cfg, run_dir, run_dir / RESOLVED_CONFIG_NAME)
+
+
+def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
+    """One stage, in this process for world size 1, else in launched workers that read `config_path`."""
     if world_size(cfg) == 1:
         configure_process(cfg, 1)
-        dist.init(backend(cfg))  # kept for later jobs of a multirun: DeepSpeed caches its groups
+        dist.init(backend(cfg))  # kept for later stages and multirun jobs: DeepSpeed caches its groups
         return run_reporting_input_errors(cfg, run_dir)
-    return launch_workers(cfg, run_dir)
+    return launch_workers(cfg, run_dir, config_path)
 
 
 def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
@@ -65,7 +75,7 @@ def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
     return 0
 
 
-def launch_workers(cfg: DictConfig, run_dir: Path) -> int:
+def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
     hw = cfg.hardware
     env = dict(os.environ)
     if hw.accelerator == Accelerator.cpu:
@@ -75,7 +85,8 @@ def launch_workers(cfg: DictConfig, run_dir: Path) -> int:
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(dist.free_port())]
     if hw.nodes > 1:
         command += ["--hostfile", hw.hostfile, "--num_nodes", str(hw.nodes)]
-    command += ["--num_gpus", str(hw.procs_per_node), "--module", "rlhf.launch", str(run_dir)]
+    command += ["--num_gpus", str(hw.procs_per_node), "--module", "rlhf.launch"]
+    command += [str(run_dir), "--config", str(config_path)]
     log.info("launching %d workers: %s", world_size(cfg), " ".join(command))
     code = subprocess.call(command, env=env)
     if code != 0:
@@ -88,9 +99,9 @@ def launch_workers(cfg: DictConfig, run_dir: Path) -> int:
     return code
 
 
-def worker_main(run_dir: Path) -> None:
+def worker_main(run_dir: Path, config_path: Path) -> None:
     """One rank of a multi-process stage, started by DeepSpeed's launcher."""
-    cfg = load_resolved(run_dir)
+    cfg = load_resolved(config_path)
     configure_process(cfg, cfg.hardware.procs_per_node)
     rank = int(os.environ.get("RANK", "0"))
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -112,5 +123,7 @@ def worker_main(run_dir: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one rank of a multi-process rlhf stage (started by the launcher)")
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--config", type=Path, required=True, help="the stage's resolved config")
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; unused")
-    worker_main(parser.parse_args().run_dir)
+    args = parser.parse_args()
+    worker_main(args.run_dir, args.config)

@@ -129,14 +129,14 @@ def load_tokenizer(model_cfg: DictConfig, root: Path | None = None):
 
 def tiny_config(model_cfg: DictConfig, tokenizer) -> LlamaConfig:
     """A small llama config over the embedded tokenizer's vocabulary."""
-    arch = model_cfg.tiny
+    arch = model_cfg.arch
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
         num_hidden_layers=arch.num_layers,
         num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads or arch.num_heads,
         max_position_embeddings=model_cfg.max_length,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

@@ -45,8 +45,16 @@ class Tracker:
             return
         import wandb
 
+        from rlhf.config import cache_dir, world_size
+        from rlhf.plan import model_params
+
         group = cfg.logger.group or run_dir.name
         name = cfg.run_name or f"{stage}-{cfg.model.name}-{run_dir.name}"
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        trained = cfg.reward_model if stage == "reward" else cfg.model
+        params = model_params(trained, cache_dir(cfg))  # sweep axes the W&B UI can chart
+        config["model"]["params_m"] = round(params / 1e6, 2) if params else None
+        config["hardware"]["world_size"] = world_size(cfg)
         self.run = wandb.init(
             project=cfg.logger.project,
             entity=cfg.logger.entity or None,
@@ -54,7 +62,7 @@ class Tracker:
             job_type=stage,
             name=name,
             tags=list(cfg.logger.tags) + [stage, cfg.model.name, cfg.hardware.name],
-            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            config=config,
             dir=str(run_dir),
             mode=mode,
             settings=wandb.Settings(console="off", silent=True),

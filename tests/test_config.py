@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rlhf.config import CONF_DIR, ConfigError, compose, grad_accum_steps, world_size
+from rlhf.config import CONF_DIR, ConfigError, compose, grad_accum_steps, stage_config, world_size
 from tests.conftest import run_cli
 
 GROUPS = ["model", "hardware", "stage", "data", "optimizer", "logger", "experiment"]
@@ -23,14 +23,16 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     if option == "local":
         overrides.append("model.path=/some/model")
     if group == "hardware":
-        overrides.append("stage.global_batch=1024")  # a multiple of every preset's world size x micro-batch
+        overrides += [f"stage.{name}.global_batch=1024" for name in ("sft", "reward", "ppo")]  # fits every preset
     if option == "adamw-offload":
         overrides.append("hardware.zero_stage=2")  # ZeRO-Offload partitions optimizer states
     cfg = compose(overrides)
     OmegaConf.to_yaml(cfg, resolve=True)
     if group != "experiment":
         assert cfg[group].name == option
-    assert cfg.stage.global_batch % (world_size(cfg) * cfg.hardware.micro_batch) == 0
+    stage_cfgs = [stage_config(cfg, s) for s in cfg.stage.stages] if cfg.stage.name == "pipeline" else [cfg]
+    for sub in stage_cfgs:
+        assert sub.stage.global_batch % (world_size(sub) * sub.hardware.micro_batch) == 0
 
 
 def test_every_group_has_options() -> None:
@@ -42,12 +44,12 @@ def test_model_hardware_specialisation_applies() -> None:
     cfg = compose(["experiment=opt-1.3b-1gpu"])
     assert cfg.model.name == "opt-1.3b" and cfg.hardware.name == "1xA100-80G"
     assert cfg.hardware.micro_batch == 16  # from conf/model_hardware/opt-1.3b_1xA100-80G.yaml
-    assert grad_accum_steps(cfg) == 2
+    assert grad_accum_steps(stage_config(cfg, "sft")) == 2
     assert cfg.model.lora.dim == 128
 
 
 def test_64_gpu_preset_has_hostfile_and_world_size() -> None:
-    cfg = compose(["hardware=64xA100-80G", "stage.global_batch=512"])
+    cfg = compose(["hardware=64xA100-80G", "stage=sft", "stage.global_batch=512"])
     assert world_size(cfg) == 64 and cfg.hardware.hostfile
 
 
@@ -55,9 +57,18 @@ def test_64_gpu_preset_has_hostfile_and_world_size() -> None:
     "overrides,fragment",
     [
         (
-            ["hardware=cpu-2proc", "stage.global_batch=12"],
+            ["hardware=cpu-2proc", "stage=sft", "stage.global_batch=12"],
             "stage.global_batch=12 must be a positive multiple",
         ),
+        (
+            ["hardware=cpu-2proc", "stage.reward.global_batch=12"],
+            "stage.reward.global_batch=12 must be a positive multiple",
+        ),
+        (["stage.ppo.kl_estimator=k9"], "stage.ppo.kl_estimator=k9 must be k1 or k3"),
+        (["stage.stages=[ppo,sft]"], "must keep the order ['sft', 'reward', 'ppo']"),
+        (["stage.stages=[sft,dpo]"], "must be distinct names from ['sft', 'reward', 'ppo']"),
+        (["stage.stages=[sft,ppo]"], "runs ppo without reward: set stage.ppo.reward_from"),
+        (["hardware.expected_mfu=2"], "hardware.expected_mfu=2.0 must be in (0, 1]"),
         (["hardware.zero_stage=4"], "hardware.zero_stage=4 must be 0, 1, 2 or 3"),
         (["model.lora.dim=8"], "model.lora.dim=8 needs a non-empty model.lora.target_modules"),
         (
@@ -86,7 +97,8 @@ def test_cli_prints_the_composed_config(tmp_path: Path) -> None:
     result = run_cli(["--cfg", "job", "model=tiny"], tmp_path)
     assert result.returncode == 0, result.stderr
     cfg = OmegaConf.create(result.stdout)
-    assert cfg.model.name == "tiny" and cfg.stage.name == "sft"
+    assert cfg.model.name == "tiny" and cfg.stage.name == "pipeline"
+    assert list(cfg.stage.stages) == ["sft", "reward", "ppo"] and cfg.stage.ppo.name == "ppo"
 
 
 @pytest.mark.parametrize(
@@ -106,7 +118,7 @@ def test_cli_schema_errors_exit_non_zero(tmp_path: Path, args: list[str], fragme
 
 
 def test_cli_cross_field_error_exits_before_loading(tmp_path: Path) -> None:
-    result = run_cli(["model=tiny", "hardware=cpu-2proc", "stage.global_batch=12"], tmp_path)
+    result = run_cli(["model=tiny", "hardware=cpu-2proc", "stage=sft", "stage.global_batch=12"], tmp_path)
     assert result.returncode == 2
     assert "stage.global_batch=12 must be a positive multiple" in result.stdout + result.stderr
     assert "Loading" not in result.stdout + result.stderr

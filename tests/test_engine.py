@@ -27,7 +27,7 @@ def test_linear_and_constant_schedules() -> None:
 
 
 def test_deepspeed_config_follows_hardware_and_stage() -> None:
-    cfg = compose(["hardware=cpu-2proc", "stage.global_batch=32", "hardware.precision=bf16"])
+    cfg = compose(["hardware=cpu-2proc", "stage=sft", "stage.global_batch=32", "hardware.precision=bf16"])
     ds = deepspeed_config(cfg)
     assert ds["train_batch_size"] == 32
     assert ds["train_micro_batch_size_per_gpu"] == 4
@@ -38,7 +38,7 @@ def test_deepspeed_config_follows_hardware_and_stage() -> None:
 
 
 def test_offload_settings_reach_deepspeed() -> None:
-    cfg = compose(["optimizer=adamw-offload", "hardware.zero_stage=3", "hardware.offload_params=true"])
+    cfg = compose(["optimizer=adamw-offload", "stage=sft", "hardware.zero_stage=3", "hardware.offload_params=true"])
     zero = deepspeed_config(cfg)["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert zero["offload_param"]["device"] == "cpu"

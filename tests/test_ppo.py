@@ -36,14 +36,14 @@ def test_the_readme_api_example_learns_its_reward(dist_process_group) -> None:
 @pytest.fixture(scope="module")
 def tiny_reward(tmp_path_factory, dist_process_group) -> Path:
     out = tmp_path_factory.mktemp("reward")
-    cfg = compose(["experiment=quickstart", "stage=reward", "logger=none", "stage.max_steps=4"])
+    cfg = compose(["experiment=tiny", "stage=reward", "logger=none", "stage.max_steps=4"])
     trainer = RewardTrainer(cfg, out, Tracker(cfg, "reward", out))
     trainer.setup()
     trainer.train()
     return trainer.save()
 
 
-PPO_SMALL = ["experiment=quickstart", "stage=ppo", "stage.global_batch=8", "stage.max_new_tokens=8"]
+PPO_SMALL = ["experiment=tiny", "stage=ppo", "stage.global_batch=8", "stage.max_new_tokens=8"]
 
 
 def test_ppo_stage_logs_every_metric_and_saves_actor_and_ema(tmp_path: Path, tiny_reward: Path) -> None:

@@ -77,7 +77,7 @@ def test_tiny_reward_model_learns_a_separable_preference(tmp_path: Path) -> None
     data = separable_pairs(tmp_path / "sep.jsonl")
     result = run_cli(
         [
-            "experiment=quickstart",
+            "experiment=tiny",
             "stage=reward",
             "stage.max_steps=30",
             "stage.eval_interval=15",
@@ -118,7 +118,7 @@ def test_tiny_reward_model_learns_a_separable_preference(tmp_path: Path) -> None
 
 
 def test_saved_reward_model_reloads_with_the_same_scores(tmp_path: Path, dist_process_group) -> None:
-    cfg = compose(["experiment=quickstart", "stage=reward", "logger=none", "stage.max_steps=3"])
+    cfg = compose(["experiment=tiny", "stage=reward", "logger=none", "stage.max_steps=3"])
     trainer = RewardTrainer(cfg, tmp_path, Tracker(cfg, "reward", tmp_path))
     trainer.setup()
     trainer.train()
@@ -153,7 +153,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_reward_zero_lora_checkpointing(name: str, tmp_path: Path, dist_process_group) -> None:
-    cfg = compose(["experiment=quickstart", "stage=reward", "logger=none", "stage.max_steps=3", *CASES[name]])
+    cfg = compose(["experiment=tiny", "stage=reward", "logger=none", "stage.max_steps=3", *CASES[name]])
     summary = stages.run(cfg, tmp_path)
     assert summary["steps"] == 3 and math.isfinite(summary["last_loss"])
     loaded = load_reward_model(tmp_path / "reward" / "final")
@@ -165,12 +165,12 @@ def test_reward_zero_lora_checkpointing(name: str, tmp_path: Path, dist_process_
 def test_reward_from_an_sft_output_on_two_processes(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    sft = run_cli(["experiment=quickstart", "stage.max_steps=2"], tmp_path / "a")
+    sft = run_cli(["experiment=tiny", "stage=sft", "stage.max_steps=2"], tmp_path / "a")
     assert sft.returncode == 0, sft.stderr[-3000:]
     sft_final = single_run_dir(tmp_path / "a") / "sft" / "final"
     result = run_cli(
         [
-            "experiment=quickstart",
+            "experiment=tiny",
             "stage=reward",
             "hardware=cpu-2proc",
             "stage.max_steps=4",

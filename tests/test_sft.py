@@ -43,7 +43,7 @@ def generate_from(model_dir: Path) -> str:
 
 
 def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
-    result = run_cli(["experiment=quickstart", "stage.max_steps=30", "stage.eval_interval=15"], tmp_path)
+    result = run_cli(["experiment=tiny", "stage=sft", "stage.max_steps=30", "stage.eval_interval=15"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = single_run_dir(tmp_path)
     summary = read_summary(run_dir, "sft")
@@ -66,7 +66,7 @@ def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
 
 
 def test_sft_tiny_two_processes_zero2(tmp_path: Path) -> None:
-    result = run_cli(["experiment=quickstart", "hardware=cpu-2proc", "stage.max_steps=6"], tmp_path)
+    result = run_cli(["experiment=tiny", "stage=sft", "hardware=cpu-2proc", "stage.max_steps=6"], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = single_run_dir(tmp_path)
     summary = read_summary(run_dir, "sft")
@@ -80,7 +80,8 @@ def test_sft_tiny_two_processes_zero2(tmp_path: Path) -> None:
 def lora_trainer(tmp_path: Path, dist_process_group) -> SFTTrainer:
     cfg = compose(
         [
-            "experiment=quickstart",
+            "experiment=tiny",
+            "stage=sft",
             "logger=none",
             "stage.max_steps=4",
             "model.lora.dim=8",
@@ -113,7 +114,7 @@ def test_lora_sft_trains_only_lora_and_merged_model_matches(lora_trainer: SFTTra
 
 
 def test_training_state_round_trips(tmp_path: Path, dist_process_group) -> None:
-    cfg = compose(["experiment=quickstart", "logger=none", "stage.max_steps=3"])
+    cfg = compose(["experiment=tiny", "stage=sft", "logger=none", "stage.max_steps=3"])
     first = SFTTrainer(cfg, tmp_path, Tracker(cfg, "sft", tmp_path))
     first.setup()
     first.train()
@@ -147,7 +148,8 @@ def test_sft_trains_on_a_blend_of_builtin_and_a_local_jsonl(tmp_path: Path) -> N
     source = f"{{path: {tmp_path}/mine.jsonl, format: sft, split: [1, 0, 0]}}"
     result = run_cli(
         [
-            "experiment=quickstart",
+            "experiment=tiny",
+            "stage=sft",
             "stage.max_steps=2",
             "data.builtin_size=400",
             f"data.sources=[{{name: builtin}},{source}]",

@@ -27,7 +27,9 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_sft_runs_and_saves(name: str, tmp_path: Path, dist_process_group) -> None:
-    cfg = compose(["experiment=quickstart", "logger=none", "stage.max_steps=3", "stage.global_batch=8", *CASES[name]])
+    cfg = compose(
+        ["experiment=tiny", "stage=sft", "logger=none", "stage.max_steps=3", "stage.global_batch=8", *CASES[name]]
+    )
     summary = stages.run(cfg, tmp_path)
     assert summary["steps"] == 3
     assert math.isfinite(summary["last_loss"]) and summary["last_loss"] < summary["first_loss"] + 0.5
@@ -42,7 +44,8 @@ def test_sft_runs_and_saves(name: str, tmp_path: Path, dist_process_group) -> No
 def test_optimizer_offload_with_cpu_adam(tmp_path: Path, dist_process_group) -> None:
     cfg = compose(
         [
-            "experiment=quickstart",
+            "experiment=tiny",
+            "stage=sft",
             "logger=none",
             "stage.max_steps=3",
             "optimizer=adamw-offload",

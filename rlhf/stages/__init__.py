@@ -11,7 +11,8 @@ from typing import Protocol
 from omegaconf import DictConfig
 
 from rlhf import dist
-from rlhf.config import world_size
+from rlhf.config import cache_dir, world_size
+from rlhf.plan import model_params
 from rlhf.progress import markdown_table
 from rlhf.stages.ppo import PPOTrainer
 from rlhf.stages.reward import RewardTrainer
@@ -52,9 +53,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         output = trainer.save()
         wall_s = time.perf_counter() - started
         devices = world_size(cfg)
+        params = model_params(cfg[MODEL_OPTION[name]], cache_dir(cfg))
         summary = {
             "stage": name,
             "model": cfg[MODEL_OPTION[name]].name,
+            "model_params_m": round(params / 1e6, 2) if params else None,
             "hardware": cfg.hardware.name,
             "world_size": devices,
             "wall_s": wall_s,
@@ -86,6 +89,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "kl_last",
             "gold_score_start",
             "gold_score",
+            "reward_start",
+            "reward",
             "s_per_step",
             "gen_time_frac",
             "est_cost_usd",

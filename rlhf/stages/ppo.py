@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
-from rlhf import dist, engine, models
+from rlhf import dist, engine, models, rollout
 from rlhf.config import cache_dir, world_size
 from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
 from rlhf.data.cache import cache_key, shared
@@ -31,6 +31,10 @@ from rlhf.tracking import Tracker
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list, list[str]], list[float]]  # (prompts as written, responses) -> scores, for a model
+
+
+EVAL_METRICS = ("eval/gold_score", "eval/reward", "eval/kl")  # held-out prompts, greedy: raw reward-model score
+SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/entropy")
 
 
 class Experience(NamedTuple):
@@ -101,12 +105,20 @@ class RLHFEngine:
         critic_zero = hw_zero if stage.critic_zero_stage < 0 else stage.critic_zero_stage
         started = time.perf_counter()
         per_rank = stage.global_batch // world_size(cfg)
-        optimizer_steps = total_steps * stage.ppo_epochs * -(-per_rank // cfg.hardware.micro_batch)
+        optimizer_steps = total_steps * stage.ppo_epochs * stage.mini_batches
+        accumulation = per_rank // (stage.mini_batches * cfg.hardware.micro_batch)  # micro-batches per update
 
         actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
         reference = copy.deepcopy(actor)
         self.lora_modules = models.prepare_for_training(actor, cfg.model)
-        self.actor = engine.initialize(actor, cfg, optimizer_steps, zero_stage=self.actor_zero, accumulation=1)
+        self.actor = engine.initialize(
+            actor,
+            cfg,
+            optimizer_steps,
+            lr=cfg.optimizer.actor_lr,
+            zero_stage=self.actor_zero,
+            accumulation=accumulation,
+        )
         self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero)
 
         self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
@@ -122,7 +134,7 @@ class RLHFEngine:
             critic = models.reward_model_from_lm(lm)
         models.prepare_for_training(critic, cfg.reward_model)
         self.critic = engine.initialize(
-            critic, cfg, optimizer_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=1
+            critic, cfg, optimizer_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=accumulation
         )
         log.info(
             "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), reference, critic ZeRO-%d, reward %s",
@@ -159,20 +171,36 @@ class RLHFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> torch.Tensor:
-        """Prompt + response ids; responses stop at EOS (padded after it) or at max_new_tokens."""
+        """Prompt + response ids; responses stop at EOS (padded after it) or at max_new_tokens. `stage.rollout`
+        picks the rollout engine (`engine`, the default) or `transformers.generate` (`generate`)."""
         stage = self.cfg.stage
-        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": stage.temperature}
-        if not greedy:
-            sampling |= {"top_p": stage.top_p, "top_k": 0}
+        input_ids = prompts["input_ids"].to(self.actor.device)
+        attention_mask = prompts["attention_mask"].to(self.actor.device)
+        synced = self.actor_zero == 3 and dist.world_size() > 1  # ZeRO-3 ranks run the same number of passes
         with self.generation_mode():
+            if stage.rollout == "engine":
+                return rollout.generate(
+                    self.actor.module,
+                    input_ids,
+                    attention_mask,
+                    stage.max_new_tokens,
+                    self.tokenizer.eos_token_id,
+                    self.tokenizer.pad_token_id,
+                    temperature=0.0 if greedy else stage.temperature,
+                    top_p=stage.top_p,
+                    synced=synced,
+                )
+            sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": stage.temperature}
+            if not greedy:
+                sampling |= {"top_p": stage.top_p, "top_k": 0}
             return self.actor.module.generate(
-                input_ids=prompts["input_ids"].to(self.actor.device),
-                attention_mask=prompts["attention_mask"].to(self.actor.device),
+                input_ids=input_ids,
+                attention_mask=attention_mask,
                 max_new_tokens=stage.max_new_tokens,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 use_cache=True,
-                synced_gpus=self.actor_zero == 3 and dist.world_size() > 1,
+                synced_gpus=synced,
                 **sampling,
             )
 
@@ -347,7 +375,8 @@ class PPOTrainer:
             kl.sum(dim=1),
         )
 
-    # 3. learning: ppo_epochs passes of clipped policy and value updates over micro-batches
+    # 3. learning: ppo_epochs passes over the experience, each `mini_batches` optimizer steps of clipped policy and
+    # value losses; a step accumulates the gradients of its micro-batches (DeepSpeed steps at the boundary)
     def train_step(self, exp: Experience) -> dict[str, float]:
         eng, stage = self.engine, self.cfg.stage
         width = exp.sequences.shape[1] - exp.response_mask.shape[1]
@@ -476,14 +505,14 @@ class PPOTrainer:
             history.append(metrics)
             if self.step % stage.eval_interval == 0 or self.step == self.total_steps:
                 metrics |= self.evaluate()
-                evals |= {k.split("/")[1]: metrics[k] for k in ("eval/gold_score", "eval/kl") if k in metrics}
+                evals |= {k.split("/")[1]: metrics[k] for k in EVAL_METRICS if k in metrics}
             self.tracker.log(metrics, step=self.step)
             if self.step % stage.sample_table_interval == 0 or self.step == 1:
                 rows = [
                     {"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in self._last_texts[:4]
                 ]
                 self.tracker.table("ppo/samples", rows, step=self.step)
-            shown = {k: metrics[k] for k in ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss")}
+            shown = {k: metrics[k] for k in SHOWN_METRICS}
             steplog.step(self.step, shown, gen_tokens / gen_s, gen_s + train_s)
         window = max(1, min(5, len(history) // 4))
 
@@ -511,15 +540,16 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The gold scorer's mean on held-out built-in prompts, answered greedily, and the KL (summed over the
-        response, k1) of those answers to the reference; empty when the mix has no built-in eval prompts."""
+        """On held-out built-in prompts answered greedily: the gold scorer's mean, the raw reward (the reward model's
+        score, without normalisation) and the KL (summed over the response, k1) to the reference; empty when the mix
+        has no built-in eval prompts."""
         usable = min(self.cfg.stage.eval_prompts, len(self.eval_rows))
         rows = self.eval_rows[: usable - usable % self.world][
             self.rank :: self.world
         ]  # equal shares keep ZeRO-3 ranks in step
         if not rows:
             return {}
-        gold_sum, kl_sum, n = 0.0, 0.0, 0
+        gold_sum, kl_sum, reward_sum, n = 0.0, 0.0, 0.0, 0
         self.engine.eval_mode()
         micro = max(self.cfg.hardware.micro_batch, 8)
         for start in range(0, len(rows), micro):
@@ -533,17 +563,22 @@ class PPOTrainer:
             logprobs = actor_logprobs(self.engine.actor, sequences, mask, width, 1.0)
             ref = actor_logprobs(self.engine.reference, sequences, mask, width, 1.0)
             kl_sum += ((logprobs - ref) * resp_mask).sum().item()
-            for row, seq, m in zip(chunk, sequences, resp_mask, strict=True):
-                text = self.tokenizer.decode(seq[width:][m.bool()], skip_special_tokens=True)
-                gold_sum += builtin.score(row["prompt"], text)
+            texts = [
+                self.tokenizer.decode(seq[width:][m.bool()], skip_special_tokens=True)
+                for seq, m in zip(sequences, resp_mask, strict=True)
+            ]
+            gold_sum += sum(builtin.score(row["prompt"], text) for row, text in zip(chunk, texts, strict=True))
+            reward_sum += self.engine.score([r["prompt"] for r in chunk], texts, sequences, mask).sum().item()
             n += len(chunk)
-        gold_sum, kl_sum, n = dist.all_reduce_sum([gold_sum, kl_sum, n])
-        metrics = {"eval/gold_score": gold_sum / max(n, 1), "eval/kl": kl_sum / max(n, 1)}
+        gold_sum, kl_sum, reward_sum, n = dist.all_reduce_sum([gold_sum, kl_sum, reward_sum, n])
+        n = max(n, 1)
+        metrics = {"eval/gold_score": gold_sum / n, "eval/kl": kl_sum / n, "eval/reward": reward_sum / n}
         if self.rank == 0:
             log.info(
-                "ppo eval at step %d: gold score %.4f, KL to reference %.4f (%d prompts, greedy)",
+                "ppo eval at step %d: gold score %.4f, reward %.4f, KL to reference %.4f (%d prompts, greedy)",
                 self.step,
                 metrics["eval/gold_score"],
+                metrics["eval/reward"],
                 metrics["eval/kl"],
                 int(n),
             )

@@ -1,0 +1,138 @@
+"""`rlhf-report`: compare runs from their stage summaries: a markdown table, a CSV and PNG plots of time and
+throughput against model size and world size.
+
+    rlhf-report outputs/multirun/<date>/<time>-scaling-cpu            a sweep (every job under it)
+    rlhf-report outputs/<run-a> outputs/<run-b> --out reports/ab      any runs, side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from rlhf.progress import markdown_table
+
+STAGES = ("sft", "reward", "ppo")
+COLUMNS = [
+    "stage",
+    "model",
+    "params_m",
+    "hardware",
+    "world_size",
+    "steps",
+    "wall_s",
+    "samples_per_s",
+    "tokens_per_s",
+    "est_cost_usd",
+    "eval_loss",
+    "eval_acc",
+    "reward_last",
+    "kl_last",
+    "gold_score",
+    "run",
+]
+
+
+def find_summaries(paths: list[Path]) -> list[Path]:
+    """Every `<run>/<stage>/summary.json` under the given run or sweep folders."""
+    found: list[Path] = []
+    for path in paths:
+        found += [p for p in sorted(path.rglob("summary.json")) if p.parent.name in STAGES]
+    return found
+
+
+def row_of(path: Path) -> dict[str, object]:
+    summary = json.loads(path.read_text())
+    row: dict[str, object] = {key: summary.get(key, "") for key in COLUMNS}
+    row["params_m"] = summary.get("model_params_m") or ""
+    row["run"] = str(path.parent.parent)
+    return row
+
+
+def sort_key(row: dict) -> tuple:
+    params = row["params_m"] if isinstance(row["params_m"], (int, float)) else 0.0
+    return STAGES.index(row["stage"]) if row["stage"] in STAGES else 9, params, row["world_size"], row["run"]
+
+
+def plot(rows: list[dict], out: Path) -> list[Path]:
+    """Wall time and tokens/s against model size (a line per stage and world size) and against world size (a line
+    per stage and model size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for x_key, series_key, x_label, name in (
+        ("params_m", "world_size", "model parameters (M)", "scaling_model_size.png"),
+        ("world_size", "params_m", "world size (processes)", "scaling_world_size.png"),
+    ):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, y_key, y_label in (
+            (axes[0], "wall_s", "stage wall time (s)"),
+            (axes[1], "tokens_per_s", "training tokens/s"),
+        ):
+            series: dict[tuple, list[tuple[float, float]]] = {}
+            for row in rows:
+                if isinstance(row[x_key], (int, float)) and isinstance(row[y_key], (int, float)):
+                    series.setdefault((row["stage"], row[series_key]), []).append((row[x_key], row[y_key]))
+            for (stage, value), points in sorted(series.items(), key=lambda kv: str(kv[0])):
+                points.sort()
+                label = f"{stage}, {series_key.replace('_', ' ')} {value}"
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.grid(alpha=0.3)
+            if series:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(out / name)
+    return written
+
+
+def write_report(paths: list[Path], out: Path) -> list[dict]:
+    """Read the runs under `paths` and write report.md, report.csv and the plots to `out`; return the rows."""
+    rows = sorted((row_of(p) for p in find_summaries(paths)), key=sort_key)
+    if not rows:
+        raise FileNotFoundError(f"no stage summaries (<run>/<stage>/summary.json) under {', '.join(map(str, paths))}")
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "report.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    pngs = plot(rows, out)
+    shown = [{k: v for k, v in row.items() if k != "run"} | {"run": Path(str(row["run"])).name} for row in rows]
+    images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
+    (out / "report.md").write_text(f"# Runs compared\n\n{markdown_table(shown)}\n\n{images}\n")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-report", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep folders")
+    parser.add_argument("--out", type=Path, help="where to write (default: the folder given, or ./report)")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.paths if not p.is_dir()]
+    if missing:
+        print(f"rlhf-report: not a folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("report"))
+    try:
+        rows = write_report(args.paths, out)
+    except FileNotFoundError as err:
+        print(f"rlhf-report: {err}", file=sys.stderr)
+        return 2
+    print((out / "report.md").read_text().split("\n\n![")[0])
+    print(f"\n{len(rows)} stage runs; written: {out / 'report.md'}, {out / 'report.csv'}, plots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The three stages in one command, chat with its result, dry-run plans, the CPU scaling sweep and its report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.chat import Chat, interactive, resolve_model_dir
+from rlhf.config import compose
+from rlhf.plan import dry_run, plan
+from tests.conftest import run_cli, single_run_dir
+
+SHORT = ["stage.sft.max_steps=12", "stage.reward.max_steps=12", "stage.ppo.max_steps=2", "stage.ppo.eval_prompts=8"]
+
+
+def wandb_runs(run_dir: Path) -> list[dict]:
+    """The run records (name, group, job type, config) of every offline W&B run under `run_dir`."""
+    records = []
+    for folder in sorted(run_dir.rglob("offline-run-*")):
+        out = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(folder)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        run = next(json.loads(line)["run"] for line in out.splitlines() if '"type":"run"' in line)
+        records.append(run)
+    return records
+
+
+def config_value(run: dict, dotted: str):
+    node = run["config"]["update"]
+    for key in dotted.split("."):
+        node = node[key]
+    return node["value"] if isinstance(node, dict) and "value" in node else node
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("quickstart")
+    result = run_cli(["experiment=quickstart", *SHORT], cwd)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return single_run_dir(cwd)
+
+
+def test_quickstart_pipeline_runs_three_stages_in_one_group(quickstart_run: Path) -> None:
+    summaries = {s: json.loads((quickstart_run / s / "summary.json").read_text()) for s in ("sft", "reward", "ppo")}
+    assert summaries["sft"]["steps"] == 12 and summaries["reward"]["steps"] == 12 and summaries["ppo"]["steps"] == 2
+    pipeline = json.loads((quickstart_run / "pipeline.json").read_text())
+    assert pipeline["outputs"] == {s: summaries[s]["output"] for s in summaries}
+    # each stage fed the next: PPO's actor is the SFT output, its reward model the reward output
+    ppo_cfg = (quickstart_run / "ppo" / "config.resolved.yaml").read_text()
+    assert f"init_from: {summaries['sft']['output']}" in ppo_cfg
+    assert f"reward_from: {summaries['reward']['output']}" in ppo_cfg
+    table = (quickstart_run / "pipeline.md").read_text()
+    for stage in ("sft", "reward", "ppo", "total"):
+        assert f"| {stage} |" in table
+    assert "samples_per_s" in table and "est_cost_usd" in table
+
+    runs = wandb_runs(quickstart_run)
+    assert sorted(r["job_type"] for r in runs) == ["ppo", "reward", "sft"]
+    assert {r["run_group"] for r in runs} == {quickstart_run.name}
+    for run in runs:
+        assert config_value(run, "hardware.world_size") == 1
+        assert config_value(run, "model.params_m") > 0
+
+
+def test_chat_answers_with_the_final_model(quickstart_run: Path) -> None:
+    assert resolve_model_dir(quickstart_run) == quickstart_run / "ppo" / "final"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "rlhf.chat", str(quickstart_run), "--max-new-tokens", "8", "--temperature", "0"]
+    one = subprocess.run([*command, "--prompt", "What is 2 + 3?"], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert len(one.stdout.strip().splitlines()) == 1 and one.stdout.strip()
+    piped = subprocess.run(command, input="What is 2 + 3?\n\nSort: b a c\n", capture_output=True, text=True, env=env)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    lines = piped.stdout.splitlines()  # one line per non-empty input line (a tiny model's answer may be blank)
+    assert len(lines) == 2 and lines[0] == one.stdout.rstrip("\n")  # greedy: the same answer to the same prompt
+    reward = subprocess.run(
+        [sys.executable, "-m", "rlhf.chat", str(quickstart_run / "reward" / "final")], capture_output=True, text=True
+    )
+    assert reward.returncode == 2 and "is a reward model" in reward.stderr
+
+
+def test_interactive_chat_keeps_history_and_clears(quickstart_run: Path, monkeypatch, capsys) -> None:
+    chat = Chat(quickstart_run / "sft" / "final", temperature=0.0, top_p=1.0, max_new_tokens=4)
+    typed = iter(["What is 2 + 3?", "And 3 + 4?", "clear", "quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    seen: list[int] = []
+    reply = chat.reply
+    monkeypatch.setattr(
+        chat, "reply", lambda message, on_text=None: (seen.append(len(chat.history)), reply(message, on_text))[1]
+    )
+    interactive(chat)
+    out = capsys.readouterr()
+    assert seen == [0, 2]  # the second message is answered after the first exchange
+    assert chat.history == [] and "conversation cleared" in out.err
+    assert out.out.count("model> ") == 2
+
+
+def test_a_subset_of_stages_reuses_earlier_outputs(quickstart_run: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        [
+            "experiment=quickstart",
+            "stage.stages=[ppo]",
+            "stage.ppo.max_steps=1",
+            "stage.ppo.eval_prompts=8",
+            f"stage.ppo.init_from={quickstart_run / 'sft' / 'final'}",
+            f"stage.ppo.reward_from={quickstart_run / 'reward' / 'final'}",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_dir = single_run_dir(tmp_path)
+    assert not (run_dir / "sft").exists() and (run_dir / "ppo" / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("preset", ["opt-1.3b-1gpu", "opt-13b-8gpu", "opt-66b-64gpu"])
+def test_seed_presets_plan_without_loading(preset: str, tmp_path: Path) -> None:
+    cfg = compose([f"experiment={preset}"])
+    rows, advice = plan(cfg)
+    assert [r["stage"] for r in rows] == ["sft", "reward", "ppo"] and advice == {}
+    world = {"opt-1.3b-1gpu": 1, "opt-13b-8gpu": 8, "opt-66b-64gpu": 64}[preset]
+    for row in rows:
+        assert row["world_size"] == world and row["fits"] == "yes" and row["steps"] != "?"
+        assert 0 < row["total_gb"] <= 80 and row["est_cost_usd"] > 0
+        assert row["total_gb"] >= row["weights_gb"] + row["optim_gb"]
+    assert dry_run(cfg, tmp_path) == 0
+    assert "| ppo |" in (tmp_path / "plan.md").read_text()
+
+
+def test_dry_run_of_a_model_too_large_gives_the_changes_that_fit(tmp_path: Path) -> None:
+    batches = [f"stage.{s}.global_batch=32" for s in ("sft", "reward", "ppo")]
+    cfg = compose(["model=opt-13b", "model@reward_model=opt-350m", "hardware=1xA100-80G", *batches])
+    rows, advice = plan(cfg)
+    assert {r["stage"]: r["fits"] for r in rows} == {"sft": "NO", "reward": "yes", "ppo": "NO"}
+    assert rows[0]["total_gb"] > 150  # 13B parameters with Adam states on one device
+    for stage in ("sft", "ppo"):
+        assert any("optimizer=adamw-offload" in line for line in advice[stage])
+        assert advice[stage][-1].startswith("=> fits")
+    assert dry_run(cfg, tmp_path) == 1
+
+
+def test_dry_run_command_exits_before_loading_weights(tmp_path: Path) -> None:
+    result = run_cli(["dry_run=true", "experiment=opt-13b-8gpu"], tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    assert "| sft | 8 |" in out and "Loading weights" not in out
+    unknown = run_cli(["dry_run=true", "model=local", "model.path=/nowhere"], tmp_path)
+    assert unknown.returncode == 2 and "its size is unknown without downloading it" in unknown.stdout + unknown.stderr
+
+
+def test_cpu_scaling_sweep_gives_four_runs_and_a_report(tmp_path: Path) -> None:
+    result = run_cli(["-m", "+sweep=scaling-cpu"], tmp_path, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*-scaling-cpu"))
+    jobs = sorted(p.parent for p in sweep.glob("*/sft/summary.json"))
+    assert len(jobs) == 4
+    runs = wandb_runs(sweep)
+    assert len(runs) == 4 and len({r["run_group"] for r in runs}) == 1
+    assert runs[0]["run_group"] == sweep.name
+    axes = {(config_value(r, "model.name"), config_value(r, "hardware.world_size")) for r in runs}
+    assert axes == {("tiny", 1), ("tiny", 2), ("tiny-large", 1), ("tiny-large", 2)}
+
+    report = subprocess.run(
+        [sys.executable, "-m", "rlhf.report", str(sweep), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+    )
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
+    assert len(rows) == 4 and {r["world_size"] for r in rows} == {"1", "2"}
+    sizes = {r["model"]: float(r["params_m"]) for r in rows}
+    assert sizes["tiny-large"] > sizes["tiny"] > 0
+    assert all(float(r["wall_s"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
+    for png in ("scaling_model_size.png", "scaling_world_size.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 10_000
