@@ -2,14 +2,12 @@
 
 Left-padded prompts are handled through position ids and one preallocated KV cache with a preallocated boolean
 attention mask, which each step only extends by one column (no mask is rebuilt); the prompt pass computes logits for
-the last position only; finished rows keep emitting padding and the loop ends when every row has finished (on every
-rank when ranks must stay in step, as under ZeRO-3).
+the last position only; finished rows keep emitting padding and the loop ends when every row has finished.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as torch_dist
 from transformers import StaticCache
 
 
@@ -28,15 +26,6 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def all_finished(finished: torch.Tensor, synced: bool) -> bool:
-    """Whether decoding can stop: this rank's rows, or with `synced` every rank's rows, have all finished."""
-    if not synced:
-        return bool(finished.all())
-    unfinished = torch.tensor([int((~finished).sum())], device=finished.device)
-    torch_dist.all_reduce(unfinished)
-    return int(unfinished) == 0
-
-
 @torch.no_grad()
 def generate(
     model,
@@ -48,7 +37,6 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-    synced: bool = False,
 ) -> torch.Tensor:
     """Prompt + response ids ([batch, width + n], n <= max_new_tokens): responses stop at EOS and are padded after
     it. `input_ids` are left-padded; `temperature=0` decodes greedily."""
@@ -82,7 +70,7 @@ def generate(
         tokens[:, step] = token
         finished |= token == eos_token_id
         steps = step + 1
-        if step == max_new_tokens - 1 or all_finished(finished, synced):
+        if step == max_new_tokens - 1 or bool(finished.all()):
             break
         column = width + step
         valid[:, column] = True

@@ -19,7 +19,7 @@ from tests.conftest import run_cli, single_run_dir
 SHORT = ["stage.sft.max_steps=12", "stage.reward.max_steps=12", "stage.ppo.max_steps=2", "stage.ppo.eval_prompts=8"]
 
 
-def wandb_runs(run_dir: Path) -> list[dict]:
+def wandb_run_records(run_dir: Path) -> list[dict]:
     """The run records (name, group, job type, config) of every offline W&B run under `run_dir`."""
     records = []
     for folder in sorted(run_dir.rglob("offline-run-*")):
@@ -63,7 +63,7 @@ def test_quickstart_pipeline_runs_three_stages_in_one_group(quickstart_run: Path
         assert f"| {stage} |" in table
     assert "samples_per_s" in table and "est_cost_usd" in table
 
-    runs = wandb_runs(quickstart_run)
+    runs = wandb_run_records(quickstart_run)
     assert sorted(r["job_type"] for r in runs) == ["ppo", "reward", "sft"]
     assert {r["run_group"] for r in runs} == {quickstart_run.name}
     for run in runs:
@@ -162,7 +162,7 @@ def test_cpu_scaling_sweep_gives_four_runs_and_a_report(tmp_path: Path) -> None:
     (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*-scaling-cpu"))
     jobs = sorted(p.parent for p in sweep.glob("*/sft/summary.json"))
     assert len(jobs) == 4
-    runs = wandb_runs(sweep)
+    runs = wandb_run_records(sweep)
     assert len(runs) == 4 and len({r["run_group"] for r in runs}) == 1
     assert runs[0]["run_group"] == sweep.name
     axes = {(config_value(r, "model.name"), config_value(r, "hardware.world_size")) for r in runs}
@@ -181,3 +181,22 @@ def test_cpu_scaling_sweep_gives_four_runs_and_a_report(tmp_path: Path) -> None:
     assert all(float(r["wall_s"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
     for png in ("scaling_model_size.png", "scaling_world_size.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
+
+
+def test_slurm_launcher_composes_from_the_hardware_option() -> None:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(
+            "config",
+            overrides=["+sweep=scaling", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hardware=8xA100-80G"],
+            return_hydra_config=True,
+        )
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.gpus_per_node == 8 and launcher.nodes == 1
+    assert dict(cfg.hydra.sweeper.params) == {"model": "opt-1.3b,opt-6.7b,opt-13b", "hardware": "1xA100-80G,8xA100-80G"}

@@ -136,3 +136,42 @@ def test_zero3_actor_on_two_processes(tmp_path: Path, tiny_reward: Path) -> None
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = read_summary(single_run_dir(tmp_path), "ppo")
     assert summary["world_size"] == 2 and summary["steps"] == 2
+
+
+def test_zero3_generation_gathers_the_actor_once_per_call(dist_process_group, monkeypatch) -> None:
+    import deepspeed
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+
+    cfg = compose(
+        [*PPO_SMALL, "logger=none", "stage.max_steps=1", "stage.actor_zero_stage=3", "stage.max_new_tokens=12"]
+    )
+    engine = RLHFEngine(cfg, reward_fn=lambda prompts, responses: [0.0] * len(responses))
+    hook_gathers, calls = [], []
+    gather = Coordinator._PartitionedParameterCoordinator__all_gather_params
+
+    def counting_gather(self, params, *args, **kwargs):
+        hook_gathers.extend(p for p in params if p.ds_status.name == "NOT_AVAILABLE")
+        return gather(self, params, *args, **kwargs)
+
+    class CountingGathered(deepspeed.zero.GatheredParameters):
+        def __enter__(self):
+            calls.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(Coordinator, "_PartitionedParameterCoordinator__all_gather_params", counting_gather)
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", CountingGathered)
+    prompts = {"input_ids": torch.randint(5, 500, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+    prompts["attention_mask"][0, :2] = 0  # a left-padded row
+    ours = engine.generate(prompts, greedy=True)
+    assert len(calls) == 1 and hook_gathers == []  # one gather for the call, none per decoding step
+    engine.actor.module.eval()
+    with torch.no_grad():  # the same greedy tokens as generate through DeepSpeed's hooks, step by step
+        theirs = engine.actor.module.generate(
+            **prompts,
+            max_new_tokens=12,
+            do_sample=False,
+            eos_token_id=engine.tokenizer.eos_token_id,
+            pad_token_id=engine.tokenizer.pad_token_id,
+        )
+    assert hook_gathers  # the hooked path does gather per step
+    assert torch.equal(ours, theirs[:, : ours.shape[1]])

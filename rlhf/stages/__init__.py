@@ -93,6 +93,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "reward",
             "s_per_step",
             "gen_time_frac",
+            "experience_time_frac",
             "est_cost_usd",
         ]
         log.info("\n%s\nfinal model: %s", markdown_table([{k: summary[k] for k in shown if k in summary}]), output)

@@ -11,13 +11,13 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf import dist, engine, models, rollout
 from rlhf.config import cache_dir, world_size
@@ -94,6 +94,7 @@ class RLHFEngine:
         if reward_fn is None and not stage.reward_from:
             raise models.ModelError("stage=ppo needs a reward model: stage.reward_from=<run>/reward/final")
         self.cfg, self.reward_fn = cfg, reward_fn
+        self._rollout_model: torch.nn.Module | None = None  # the plain copy ZeRO-3 generation runs on
         if not dist.is_initialized():  # used from Python rather than through `rlhf`
             from rlhf.launch import backend, configure_process
 
@@ -146,19 +147,32 @@ class RLHFEngine:
         )
 
     @contextmanager
-    def generation_mode(self) -> Iterator[None]:
-        """The actor ready to generate: eval mode, ZeRO-3 parameters gathered for the whole call, LoRA merged into
-        the base weights (not under ZeRO-3, where the engine may re-partition weights between forward passes)."""
+    def generation_mode(self) -> Iterator[torch.nn.Module]:
+        """The model to generate with, in eval mode, with LoRA folded into the base weights. Under ZeRO-3 the actor's
+        parameters are gathered once per call and copied into a plain model without DeepSpeed's hooks (which would
+        release and gather them again at every decoding step), as DeepSpeed-Chat's hybrid engine does on GPUs; it
+        costs one full copy of the actor per rank while generating."""
         module = self.actor.module
-        with ExitStack() as stack:
-            if self.actor_zero == 3:
-                import deepspeed
+        if self.actor_zero != 3:
+            with merged_lora(module):
+                module.eval()
+                yield module
+            return
+        import deepspeed
 
-                stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters())))
-            else:
-                stack.enter_context(merged_lora(module))
-            module.eval()
-            yield
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            state = models.merge_lora_state_dict(
+                {name: p.detach() for name, p in module.named_parameters()}, models.lora_scalings(module)
+            )
+            if self._rollout_model is None:
+                dtype = next(module.parameters()).dtype
+                self._rollout_model = AutoModelForCausalLM.from_config(module.config, dtype=dtype)
+            _, unexpected = self._rollout_model.load_state_dict(state, strict=False)  # copies while gathered
+        if unexpected:
+            raise RuntimeError(f"the rollout copy of the actor has no parameters named {unexpected[:3]}")
+        self._rollout_model.tie_weights()
+        self._rollout_model.eval()
+        yield self._rollout_model
 
     def eval_mode(self) -> None:
         """Actor and critic without dropout: experience and evaluation must see the policy PPO compares against."""
@@ -176,11 +190,10 @@ class RLHFEngine:
         stage = self.cfg.stage
         input_ids = prompts["input_ids"].to(self.actor.device)
         attention_mask = prompts["attention_mask"].to(self.actor.device)
-        synced = self.actor_zero == 3 and dist.world_size() > 1  # ZeRO-3 ranks run the same number of passes
-        with self.generation_mode():
+        with self.generation_mode() as model:
             if stage.rollout == "engine":
                 return rollout.generate(
-                    self.actor.module,
+                    model,
                     input_ids,
                     attention_mask,
                     stage.max_new_tokens,
@@ -188,19 +201,17 @@ class RLHFEngine:
                     self.tokenizer.pad_token_id,
                     temperature=0.0 if greedy else stage.temperature,
                     top_p=stage.top_p,
-                    synced=synced,
                 )
             sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": stage.temperature}
             if not greedy:
                 sampling |= {"top_p": stage.top_p, "top_k": 0}
-            return self.actor.module.generate(
+            return model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=stage.max_new_tokens,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
                 use_cache=True,
-                synced_gpus=synced,
                 **sampling,
             )
 
@@ -252,6 +263,7 @@ class PPOTrainer:
         self.step = 0
         self.rank, self.world = dist.rank(), dist.world_size()
         self.ema: dict[str, torch.Tensor] | None = None
+        self.rollout_s = 0.0  # seconds the last generate_experience spent generating
         if engine is not None:
             self.setup()
 
@@ -331,7 +343,9 @@ class PPOTrainer:
         eng.eval_mode()
         prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id)
         width = prompts["input_ids"].shape[1]
+        started = time.perf_counter()
         sequences = eng.generate(prompts).cpu()
+        self.rollout_s = time.perf_counter() - started  # generation alone, without the experience forward passes
         resp_mask = response_mask(sequences[:, width:], tok.eos_token_id)
         resp_mask[:, 0] = 1
         mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
@@ -454,7 +468,7 @@ class PPOTrainer:
             evals |= {f"{k.split('/')[1]}_start": v for k, v in start.items()}
             self.tracker.log(start, step=0)
         history: list[dict[str, float]] = []
-        gen_s_total = train_s_total = 0.0
+        gen_s_total = rollout_s_total = train_s_total = 0.0
         for batch in self.prompt_batches():
             started = time.perf_counter()
             exp = self.generate_experience(batch)
@@ -462,6 +476,7 @@ class PPOTrainer:
             stats = self.train_step(exp)
             train_s = time.perf_counter() - started - gen_s
             gen_s_total += gen_s
+            rollout_s_total += self.rollout_s
             train_s_total += train_s
             m = exp.response_mask.float()
             lengths = exp.response_mask.sum(dim=1).float()
@@ -496,9 +511,10 @@ class PPOTrainer:
                 "ppo/eos_rate": eos_sum / n_rows,
                 "ppo/value_explained_var": F.explained_variance(exp.values, exp.returns, m),
                 "ppo/actor_lr": self.engine.actor.get_lr()[0],
-                "perf/gen_tokens_per_s": gen_tokens / gen_s,
+                "perf/gen_tokens_per_s": gen_tokens / self.rollout_s,
                 "perf/train_tokens_per_s": train_tokens / train_s,
-                "perf/gen_time_frac": gen_s / (gen_s + train_s),
+                "perf/gen_time_frac": self.rollout_s / (gen_s + train_s),
+                "perf/experience_time_frac": gen_s / (gen_s + train_s),
                 "perf/step_s": gen_s + train_s,
             }
             self.kl_ctl.update(kl_mean, int(n_rows))
@@ -513,7 +529,7 @@ class PPOTrainer:
                 ]
                 self.tracker.table("ppo/samples", rows, step=self.step)
             shown = {k: metrics[k] for k in SHOWN_METRICS}
-            steplog.step(self.step, shown, gen_tokens / gen_s, gen_s + train_s)
+            steplog.step(self.step, shown, gen_tokens / self.rollout_s, gen_s + train_s)
         window = max(1, min(5, len(history) // 4))
 
         def mean_of(key: str, rows: list[dict]) -> float:
@@ -526,7 +542,8 @@ class PPOTrainer:
             "train_s": total,
             "samples_per_s": len(history) * stage.global_batch / total if total else 0.0,
             "s_per_step": total / len(history) if history else float("nan"),
-            "gen_time_frac": gen_s_total / total if total else float("nan"),
+            "gen_time_frac": rollout_s_total / total if total else float("nan"),
+            "experience_time_frac": gen_s_total / total if total else float("nan"),
             "tokens_per_s": mean_of("perf/train_tokens_per_s", history),
             "gen_tokens_per_s": mean_of("perf/gen_tokens_per_s", history),
             "reward_first": mean_of("ppo/reward_mean", history[:window]),
