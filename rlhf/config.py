@@ -158,7 +158,7 @@ class PPOStageConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    rollout: str = "engine"  # engine: the rollout engine (rlhf/rollout.py); generate: transformers' generate
+    rollout: str = "generate"  # transformers.generate, or engine: the rollout engine (rlhf/rollout.py)
     # reward shaping
     kl_coef: float = 0.05
     kl_estimator: str = "k1"  # k1 or k3

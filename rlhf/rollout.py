@@ -1,4 +1,5 @@
-"""The rollout engine: batched sampling for PPO without `transformers.generate`'s per-step overhead.
+"""The rollout engine: batched sampling for PPO under our control, the base for a rollout faster than
+`transformers.generate` (on this CPU it matches generate's speed so far, no more; `stage.rollout=engine` opts in).
 
 Left-padded prompts are handled through position ids and one preallocated KV cache with a preallocated boolean
 attention mask, which each step only extends by one column (no mask is rebuilt); the prompt pass computes logits for

@@ -186,7 +186,7 @@ class RLHFEngine:
     @torch.no_grad()
     def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> torch.Tensor:
         """Prompt + response ids; responses stop at EOS (padded after it) or at max_new_tokens. `stage.rollout`
-        picks the rollout engine (`engine`, the default) or `transformers.generate` (`generate`)."""
+        picks `transformers.generate` (`generate`, the default) or the rollout engine (`engine`)."""
         stage = self.cfg.stage
         input_ids = prompts["input_ids"].to(self.actor.device)
         attention_mask = prompts["attention_mask"].to(self.actor.device)
