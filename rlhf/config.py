@@ -344,6 +344,13 @@ def validate(cfg: DictConfig) -> None:
             f"{key}.source={m.source.value} needs {key}.path",
         )
         need(m.max_length >= 8, f"{key}.max_length={m.max_length} must be >= 8")
+        arch = m.arch
+        need(
+            m.source != Source.tiny
+            or min(arch.hidden_size, arch.num_layers, arch.num_heads, arch.intermediate_size) > 0,
+            f"{key}.source=tiny needs {key}.arch.hidden_size, num_layers, num_heads and intermediate_size "
+            "(e.g. model=tiny)",
+        )
         lora = m.lora
         need(lora.dim >= 0, f"{key}.lora.dim={lora.dim} must be >= 0")
         need(

@@ -69,6 +69,7 @@ def test_64_gpu_preset_has_hostfile_and_world_size() -> None:
         (["stage.stages=[sft,dpo]"], "must be distinct names from ['sft', 'reward', 'ppo']"),
         (["stage.stages=[sft,ppo]"], "runs ppo without reward: set stage.ppo.reward_from"),
         (["hardware.expected_mfu=2"], "hardware.expected_mfu=2.0 must be in (0, 1]"),
+        (["model=tiny", "model.arch.num_heads=0"], "model.source=tiny needs model.arch.hidden_size"),
         (["hardware.zero_stage=4"], "hardware.zero_stage=4 must be 0, 1, 2 or 3"),
         (["model.lora.dim=8"], "model.lora.dim=8 needs a non-empty model.lora.target_modules"),
         (

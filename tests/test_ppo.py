@@ -102,12 +102,14 @@ def test_lora_actor_trains_only_lora_and_merged_generation_matches(tmp_path: Pat
             "model.lora.only_optimize_lora=true",
             "reward_model.lora.dim=4",
             "reward_model.lora.target_modules=[q_proj,v_proj]",
+            "reward_model.lora.only_optimize_lora=true",
         ]
     )
     engine = RLHFEngine(cfg, total_steps=2)
     trainer = PPOTrainer(cfg, tmp_path, engine=engine)
-    actor = engine.actor.module
+    actor, critic = engine.actor.module, engine.critic.module
     before = {n: p.detach().clone() for n, p in actor.named_parameters()}
+    critic_before = {n: p.detach().clone() for n, p in critic.named_parameters()}
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         plain = actor(input_ids=ids).logits
@@ -118,6 +120,9 @@ def test_lora_actor_trains_only_lora_and_merged_generation_matches(tmp_path: Pat
         trainer.train_step(trainer.generate_experience(prompts))
     changed = {n for n, p in actor.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)
+    critic_changed = {n for n, p in critic.named_parameters() if not torch.equal(p, critic_before[n])}
+    assert any(".lora_" in n for n in critic_changed)  # the critic's LoRA trains, and its value head with it
+    assert all(".lora_" in n or n.startswith("score.") for n in critic_changed), critic_changed
     assert trainer.train()["steps"] == 2  # nothing left to run: the summary of what was done
 
 

@@ -15,13 +15,15 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from rlhf import stages
-from rlhf.config import ModelConfig, compose
+from rlhf.config import ArchConfig, ModelConfig, compose
 from rlhf.data.tokenize import pad_left, pad_right
 from rlhf.models import last_token_index, load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
 from rlhf.stages.reward import RewardTrainer, pairwise_loss
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir
 from tests.test_sft import inspect_wandb, wandb_runs
+
+TINY_ARCH = ArchConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
 
 
 def test_last_token_index_reads_the_mask_only() -> None:
@@ -42,7 +44,7 @@ def test_pairwise_loss() -> None:
 def tiny_reward_model():
     from transformers import AutoModelForCausalLM
 
-    model_cfg = OmegaConf.structured(ModelConfig(name="tiny", source="tiny"))
+    model_cfg = OmegaConf.structured(ModelConfig(name="tiny", source="tiny", arch=TINY_ARCH))
     tokenizer = load_tokenizer(model_cfg)
     torch.manual_seed(0)
     model = reward_model_from_lm(AutoModelForCausalLM.from_config(tiny_config(model_cfg, tokenizer))).eval()
