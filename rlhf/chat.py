@@ -98,7 +98,9 @@ class Chat:
             **ids,
             max_new_tokens=self.sampling["max_new_tokens"],
             eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.eos_token_id
+            if self.tokenizer.pad_token_id is None
+            else self.tokenizer.pad_token_id,
             streamer=Printer(),
             **options,
         )
