@@ -17,12 +17,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rlhf.config import DType, Source, cache_dir, stage_config, world_size
+from rlhf.config import DType, Source, cache_dir, save_resolved, stage_config, world_size
 from rlhf.progress import format_seconds, markdown_table
 
 log = logging.getLogger("rlhf")
@@ -134,7 +134,6 @@ class Setup:
     lora: dict[str, bool]
     offload_optimizer: bool
     offload_params: bool
-    notes: list[str] = field(default_factory=list)
 
 
 def _bytes(precision: DType) -> int:
@@ -430,5 +429,5 @@ def dry_run(cfg: DictConfig, run_dir: Path | None = None) -> int:
     if run_dir is not None:
         (run_dir / "plan.md").write_text(report + "\n")
         (run_dir / "plan.json").write_text(json.dumps({"stages": rows, "advice": advised}, indent=2, default=str))
-        OmegaConf.save(cfg, run_dir / "config.resolved.yaml", resolve=True)
+        save_resolved(cfg, run_dir)
     return 1 if advised else 0
