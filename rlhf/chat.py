@@ -50,8 +50,10 @@ class Chat:
     def __init__(self, model_dir: Path, template: str = "auto", system: str = "", **sampling) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from rlhf.models import from_pretrained
+
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.model = from_pretrained(AutoModelForCausalLM, model_dir, "the model").eval()
         self.format = PromptFormat.for_tokenizer(self.tokenizer, DataConfig(name="chat", template=template))
         self.system = system
         self.sampling = sampling
@@ -152,14 +154,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    chat = Chat(
-        model_dir,
-        template=args.template,
-        system=args.system,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens,
-    )
+    from rlhf.models import ModelError
+
+    try:
+        chat = Chat(
+            model_dir,
+            template=args.template,
+            system=args.system,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except ModelError as err:
+        print(f"rlhf-chat: {err}", file=sys.stderr)
+        return 2
     if args.prompt is not None:
         print(chat.reply(args.prompt))
     elif not sys.stdin.isatty():

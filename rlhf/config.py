@@ -89,7 +89,8 @@ class ModelConfig:
     dtype: DType = DType.fp32  # dtype of the saved model
     gradient_checkpointing: bool = False
     max_length: int = 512
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run a hub model's own Python code: only for models you trust
+    allow_pickle: bool = False  # load .bin (pickle) weights where a model has no safetensors
     lora: LoraConfig = field(default_factory=LoraConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
 
@@ -119,6 +120,7 @@ class SFTStageConfig:
     max_steps: int = -1  # optimizer steps; -1 runs the full epochs
     global_batch: int = 16
     eval_interval: int = 50  # optimizer steps between evaluations (also at the end)
+    checkpoint_interval: int = 0  # optimizer steps between checkpoints (0: only at the end and when stopped)
     eval_max_batches: int = 16
     log_interval: int = 1
     grad_clip: float = 1.0
@@ -132,6 +134,7 @@ class RewardStageConfig:
     max_steps: int = -1  # optimizer steps; -1 runs the full epochs
     global_batch: int = 16  # preference pairs per optimizer step
     eval_interval: int = 50
+    checkpoint_interval: int = 0  # optimizer steps between checkpoints (0: only at the end and when stopped)
     eval_max_batches: int = 32  # micro-batches of pairs per rank per evaluation
     log_interval: int = 1
     grad_clip: float = 1.0
@@ -147,6 +150,7 @@ class PPOStageConfig:
     global_batch: int = 16  # prompts per iteration, over all ranks
     eval_interval: int = 50  # iterations between gold-score evaluations (also before the first and at the end)
     eval_prompts: int = 32  # held-out prompts scored greedily by the gold scorer (built-in data)
+    checkpoint_interval: int = 0  # iterations between checkpoints (0: only at the end and when stopped)
     log_interval: int = 1
     grad_clip: float = 1.0
     init_from: str = ""  # the actor: an SFT output folder (empty: the `model` option)
@@ -250,6 +254,12 @@ class LoggerConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    keep_last: int = 2  # complete checkpoints kept per stage; older ones are deleted after a newer one is written
+    max_skipped_in_a_row: int = 3  # steps skipped for a non-finite loss or reward before the run stops
+
+
+@dataclass
 class RLHFConfig:
     model: ModelConfig = MISSING
     reward_model: ModelConfig = MISSING  # the reward and critic backbone, a `model` option: model@reward_model=tiny
@@ -262,6 +272,8 @@ class RLHFConfig:
     run_name: str = ""  # empty: derived from the stage and the model
     cache_dir: str = ""  # empty: $RLHF_CACHE or ~/.cache/rlhf
     dry_run: bool = False  # print the plan (memory per device, tokens, time, cost) and exit without loading weights
+    resume: str = ""  # auto: continue the run in its run directory (hydra.run.dir); or the run directory to continue
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 STAGE_SCHEMAS: dict[str, type] = {
@@ -272,8 +284,14 @@ STAGE_SCHEMAS: dict[str, type] = {
 }
 
 
+def run_dir_for(resume: str, fresh: str) -> str:
+    """The run directory: the one `resume` names, else `fresh` (the timestamped default); a Hydra resolver."""
+    return fresh if resume in ("", "auto") else resume
+
+
 def register_configs() -> None:
-    """Register every schema so the YAML options can name it in their defaults list."""
+    """Register every schema so the YAML options can name it in their defaults list, and the run-dir resolver."""
+    OmegaConf.register_new_resolver("rlhf_run_dir", run_dir_for, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="rlhf_schema", node=RLHFConfig)
     for group, node in [
@@ -386,6 +404,19 @@ def validate(cfg: DictConfig) -> None:
     need(stage.max_steps == -1 or stage.max_steps >= 1, f"stage.max_steps={stage.max_steps} must be -1 or >= 1")
     need(stage.eval_interval >= 1, f"stage.eval_interval={stage.eval_interval} must be >= 1")
     need(stage.log_interval >= 1, f"stage.log_interval={stage.log_interval} must be >= 1")
+    need(
+        stage.checkpoint_interval >= 0,
+        f"stage.checkpoint_interval={stage.checkpoint_interval} must be >= 0 (0: only at the end)",
+    )
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+    need(
+        cfg.checkpoint.max_skipped_in_a_row >= 1,
+        f"checkpoint.max_skipped_in_a_row={cfg.checkpoint.max_skipped_in_a_row} must be >= 1",
+    )
+    need(
+        cfg.resume in ("", "auto") or Path(cfg.resume).is_dir(),
+        f"resume={cfg.resume} must be auto or an existing run directory",
+    )
     if stage.name == "ppo":
         need(stage.kl_estimator in ("k1", "k3"), f"stage.kl_estimator={stage.kl_estimator} must be k1 or k3")
         need(stage.max_new_tokens >= 1, f"stage.max_new_tokens={stage.max_new_tokens} must be >= 1")
@@ -394,7 +425,7 @@ def validate(cfg: DictConfig) -> None:
         need(stage.rollout in ("engine", "generate"), f"stage.rollout={stage.rollout} must be engine or generate")
         need(0 <= stage.ema_beta < 1, f"stage.ema_beta={stage.ema_beta} must be in [0, 1)")
         need(stage.ppo_epochs >= 1, f"stage.ppo_epochs={stage.ppo_epochs} must be >= 1")
-        per_update = world_size(cfg) * hw.micro_batch * stage.mini_batches
+        per_update = max(world_size(cfg) * hw.micro_batch * stage.mini_batches, 1)
         need(
             stage.mini_batches >= 1 and stage.global_batch % per_update == 0,
             f"stage.global_batch={stage.global_batch} must split into stage.mini_batches={stage.mini_batches} "
@@ -411,7 +442,7 @@ def validate(cfg: DictConfig) -> None:
             f"data.max_prompt_len + stage.max_new_tokens = {data.max_prompt_len + stage.max_new_tokens} exceeds "
             f"model.max_length={cfg.model.max_length}",
         )
-    per_step = world_size(cfg) * hw.micro_batch
+    per_step = max(world_size(cfg) * hw.micro_batch, 1)  # a zero micro-batch has its own message above
     need(
         stage.global_batch >= per_step and stage.global_batch % per_step == 0,
         f"stage.global_batch={stage.global_batch} must be a positive multiple of world size x hardware.micro_batch "
@@ -494,10 +525,12 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
 
 
 def save_resolved(cfg: DictConfig, folder: Path) -> Path:
-    """Write the resolved config where worker processes read it (no Hydra composition per rank)."""
+    """Write the resolved config where worker processes read it (no Hydra composition per rank). `resume` belongs to
+    one invocation, not to the run, so it is written empty (workers get it on their command line)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / RESOLVED_CONFIG_NAME
-    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    record = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True) | {"resume": ""}
+    path.write_text(OmegaConf.to_yaml(record))
     return path
 
 

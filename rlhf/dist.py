@@ -60,11 +60,20 @@ def destroy() -> None:
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sums of `values` over all ranks (the values themselves in a single process)."""
+    return _all_reduce(values, torch_dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: list[float]) -> list[float]:
+    """Maxima of `values` over all ranks (the values themselves in a single process)."""
+    return _all_reduce(values, torch_dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: list[float], op) -> list[float]:
     if not is_initialized() or world_size() == 1:
         return values
     device = f"cuda:{torch.cuda.current_device()}" if torch_dist.get_backend() == "nccl" else "cpu"
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch_dist.all_reduce(tensor)
+    torch_dist.all_reduce(tensor, op=op)
     return tensor.tolist()
 
 

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import math
-import random
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -135,23 +132,3 @@ def initialize_frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int):
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
-
-
-def save_training_state(engine, path: Path, step: int) -> None:
-    """The engine's DeepSpeed checkpoint (weights, optimizer, schedule) with the step and the RNG states."""
-    client = {
-        "step": step,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-    }
-    engine.save_checkpoint(str(path), tag=f"step{step}", client_state=client)
-
-
-def load_training_state(engine, path: Path) -> int:
-    """Restore what `save_training_state` wrote (the latest tag under `path`); returns the step."""
-    _, client = engine.load_checkpoint(str(path))
-    if client is None:
-        raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
-    torch.set_rng_state(client["rng"]["torch"])
-    random.setstate(client["rng"]["python"])
-    np.random.set_state(client["rng"]["numpy"])
-    return client["step"]

@@ -8,15 +8,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
 from rlhf import dist
+from rlhf.checkpoint import CheckpointError, Preempted, config_diff
 from rlhf.config import RESOLVED_CONFIG_NAME, Accelerator, load_resolved, save_resolved, world_size
+from rlhf.guard import NonFiniteError
+from rlhf.stages import finished_summary
 
 log = logging.getLogger("rlhf")
 
@@ -44,7 +50,12 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             cfg.hardware.name,
         )
         return 2
-    save_resolved(cfg, run_dir)
+    problem = check_run_dir(cfg, run_dir)
+    if problem:
+        log.error("%s", problem)
+        return 2
+    if not (run_dir / RESOLVED_CONFIG_NAME).is_file():  # a resumed run keeps the record it started with
+        save_resolved(cfg, run_dir)
     if cfg.stage.name == "pipeline":
         from rlhf.pipeline import run_pipeline
 
@@ -52,8 +63,35 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
     return run_stage(cfg, run_dir, run_dir / RESOLVED_CONFIG_NAME)
 
 
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> str | None:
+    """Why this run may not start in `run_dir`, or None: a run directory that already holds a run is continued only
+    with `resume` set and the same config (nothing is overwritten); `resume=<dir>` needs a run there."""
+    saved = run_dir / RESOLVED_CONFIG_NAME
+    if not saved.is_file():
+        if cfg.resume not in ("", "auto"):
+            return f"resume={cfg.resume}: no run to continue there ({RESOLVED_CONFIG_NAME} not found)"
+        return None
+    if not cfg.resume:
+        return (
+            f"{run_dir} already holds a run; continue it with resume=auto (same overrides) or choose another "
+            "hydra.run.dir"
+        )
+    changed = config_diff(load_resolved(saved), cfg)
+    if changed:
+        return (
+            f"cannot resume {run_dir}: its run used another config; it differs in:\n  "
+            + "\n  ".join(changed)
+            + "\nresume with the overrides the run started with"
+        )
+    return None
+
+
 def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
-    """One stage, in this process for world size 1, else in launched workers that read `config_path`."""
+    """One stage, in this process for world size 1, else in launched workers that read `config_path`; with
+    `resume` set, a stage that already finished in `run_dir` is not run again."""
+    if cfg.resume and finished_summary(run_dir, cfg.stage.name) is not None:
+        log.info("stage %s finished earlier in %s: not run again", cfg.stage.name, run_dir)
+        return 0
     if world_size(cfg) == 1:
         configure_process(cfg, 1)
         dist.init(backend(cfg))  # kept for later stages and multirun jobs: DeepSpeed caches its groups
@@ -62,16 +100,23 @@ def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
 
 
 def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
-    """Run the stage in this process; a missing model or unusable data is one clear message and exit code 2."""
+    """Run the stage in this process. A missing model, unusable data or checkpoint is one clear message and exit
+    code 2; a stop by SIGTERM/SIGINT exits 128 + the signal after its checkpoint; too many non-finite steps exit 3."""
     from rlhf import stages
     from rlhf.data import DataError
     from rlhf.models import ModelError
 
     try:
         stages.run(cfg, run_dir)
-    except (ModelError, DataError) as err:
+    except (ModelError, DataError, CheckpointError) as err:
         log.error("stage %s stopped: %s", cfg.stage.name, err)
         return 2
+    except Preempted as stop:
+        log.warning("stage %s %s; continue with resume=auto (same overrides)", cfg.stage.name, stop)
+        return 128 + stop.signum
+    except NonFiniteError as err:
+        log.error("%s", err)
+        return 3
     return 0
 
 
@@ -86,9 +131,11 @@ def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
     if hw.nodes > 1:
         command += ["--hostfile", hw.hostfile, "--num_nodes", str(hw.nodes)]
     command += ["--num_gpus", str(hw.procs_per_node), "--module", "rlhf.launch"]
-    command += [str(run_dir), "--config", str(config_path)]
+    command += [str(run_dir), "--config", str(config_path)] + (["--resume", cfg.resume] if cfg.resume else [])
     log.info("launching %d workers: %s", world_size(cfg), " ".join(command))
-    code = subprocess.call(command, env=env)
+    launcher = subprocess.Popen(command, env=env, start_new_session=True)  # signals reach it through the handler
+    with forward_signals(launcher):
+        code = launcher.wait()
     if code != 0:
         log.error(
             "stage %s failed: a worker exited with code %d (see the log above and %s)",
@@ -99,9 +146,40 @@ def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
     return code
 
 
-def worker_main(run_dir: Path, config_path: Path) -> None:
+def is_worker(cmdline: list[str]) -> bool:
+    """Whether a command line is one rank's (`python -u -m rlhf.launch ...`), not the launcher naming the module."""
+    return any(a == "-m" and b == "rlhf.launch" for a, b in zip(cmdline, cmdline[1:], strict=False))
+
+
+@contextmanager
+def forward_signals(launcher: subprocess.Popen) -> Iterator[None]:
+    """Pass SIGTERM and SIGINT on to this machine's workers (each saves a checkpoint and exits), not to DeepSpeed's
+    launcher, which would kill them after 30 s; before the workers exist, the launcher gets the signal."""
+    import psutil
+
+    def forward(signum: int, frame) -> None:
+        try:
+            children = psutil.Process(launcher.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        workers = [p for p in children if is_worker(p.cmdline())]
+        log.warning("received %s: passing it to %d workers", signal.Signals(signum).name, len(workers))
+        for process in workers or [psutil.Process(launcher.pid)]:
+            with suppress(psutil.NoSuchProcess):
+                process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def worker_main(run_dir: Path, config_path: Path, resume: str) -> None:
     """One rank of a multi-process stage, started by DeepSpeed's launcher."""
     cfg = load_resolved(config_path)
+    cfg.resume = resume
     configure_process(cfg, cfg.hardware.procs_per_node)
     rank = int(os.environ.get("RANK", "0"))
     handlers: list[logging.Handler] = [logging.StreamHandler()]
@@ -124,6 +202,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one rank of a multi-process rlhf stage (started by the launcher)")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--config", type=Path, required=True, help="the stage's resolved config")
+    parser.add_argument("--resume", default="", help="the invocation's resume setting")
     parser.add_argument("--local_rank", type=int, default=None, help="set by DeepSpeed's launcher; unused")
     args = parser.parse_args()
-    worker_main(args.run_dir, args.config)
+    worker_main(args.run_dir, args.config, args.resume)

@@ -156,12 +156,13 @@ def load_causal_lm(model_cfg: DictConfig, tokenizer, seed: int, init_from: str =
         return AutoModelForCausalLM.from_config(tiny_config(model_cfg, tokenizer), dtype=torch.float32)
     else:
         location = model_location(model_cfg, root)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=None
-        )
-    except OSError as err:
-        raise ModelError(f"cannot load model {model_cfg.name} from {location}: {err}") from err
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        location,
+        f"model {model_cfg.name}",
+        trust_remote_code=model_cfg.trust_remote_code,
+        allow_pickle=model_cfg.allow_pickle,
+    )
     if model.config.vocab_size < len(tokenizer):
         model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
     return model
@@ -324,15 +325,27 @@ def reward_model_from_lm(lm: nn.Module) -> RewardModel:
     return RewardModel(getattr(lm, lm.base_model_prefix), config)
 
 
+def from_pretrained(cls, location: str | Path, what: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """`cls.from_pretrained` in fp32 from safetensors weights (pickled `.bin` weights only with `allow_pickle`, and a
+    model's own code only with `trust_remote_code`); any failure (missing or truncated shards, no safetensors, an
+    unknown architecture) is a ModelError naming the model and the place."""
+    try:
+        return cls.from_pretrained(
+            location, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle
+        )
+    except Exception as err:  # transformers, safetensors and torch raise many types for a damaged model folder
+        hint = ""
+        if not allow_pickle and Path(location, "pytorch_model.bin").is_file():
+            hint = " (it has only pickled .bin weights: set allow_pickle=true on the model option to load them)"
+        raise ModelError(f"cannot load {what} from {location}: {type(err).__name__}: {err}{hint}") from err
+
+
 def load_reward_model(path: str | Path) -> RewardModel:
     """A saved reward model (a `<Arch>ForSequenceClassification` folder) in fp32."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no saved reward model there (config.json not found)")
-    try:
-        loaded = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the reward model in {path}: {err}") from err
+    loaded = from_pretrained(AutoModelForSequenceClassification, path, "the reward model")
     model = RewardModel(getattr(loaded, loaded.base_model_prefix), loaded.config)
     model.score = loaded.score
     return model

@@ -96,7 +96,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> int:
         log.info(
             "pipeline: stage %d/%d, %s (elapsed %s)", i, len(names), name, format_seconds(time.perf_counter() - started)
         )
-        code = run_stage(sub, run_dir, save_resolved(sub, run_dir / name))
+        code = run_stage(sub, run_dir, save_resolved(sub, run_dir / name))  # a finished stage returns at once
         if code != 0:
             log.error("pipeline stopped in stage %s (exit code %d); outputs so far: %s", name, code, outputs or "none")
             return code

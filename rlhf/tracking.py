@@ -38,7 +38,8 @@ def resolve_mode(mode: LoggerMode) -> str:
 class Tracker:
     """A W&B run for one stage, or a no-op on other ranks and with `logger=none`. Use as a context manager."""
 
-    def __init__(self, cfg: DictConfig, stage: str, run_dir: Path, rank: int = 0) -> None:
+    def __init__(self, cfg: DictConfig, stage: str, run_dir: Path, rank: int = 0, resume_id: str | None = None) -> None:
+        """`resume_id` continues that W&B run (a resumed stage) instead of starting a new one."""
         self.run = None
         mode = resolve_mode(cfg.logger.mode)
         if rank != 0 or mode == "disabled":
@@ -65,9 +66,15 @@ class Tracker:
             config=config,
             dir=str(run_dir),
             mode=mode,
+            id=resume_id,
+            resume="allow" if resume_id else None,
             settings=wandb.Settings(console="off", silent=True),
         )
-        log.info("W&B run %s (%s) in %s", self.run.id, mode, self.run.dir)
+        log.info("W&B run %s (%s%s) in %s", self.run.id, mode, ", resumed" if resume_id else "", self.run.dir)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is not None:

@@ -6,24 +6,71 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`rlhf <args>` in `cwd` with W&B offline; output captured as text."""
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a child `rlhf`: W&B offline, no rank variables (the in-process group of
+    `dist_process_group` holds its port; a child needs its own), plus `extra`."""
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
     for key in ("WANDB_API_KEY", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # the in-process group of `dist_process_group` holds its port; a child needs its own
+        env.pop(key, None)
+    return env | extra
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`rlhf <args>` in `cwd` with W&B offline; output captured as text."""
+    cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
         [sys.executable, "-m", "rlhf", *args],
         cwd=cwd,
-        env=env,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def start_cli(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """`rlhf <args>` started in the background in `cwd`, its output going to `cwd/cli.out`."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    out = open(cwd / "cli.out", "w")  # noqa: SIM115 — the child writes it until it exits
+    return subprocess.Popen(
+        [sys.executable, "-m", "rlhf", *args], cwd=cwd, env=cli_env(**env), stdout=out, stderr=subprocess.STDOUT
+    )
+
+
+def wait_for(cwd: Path, pattern: str, process: subprocess.Popen, timeout: float = 300) -> Path:
+    """The first path under `cwd` matching `pattern`, once it appears (the process must still be running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(cwd.glob(pattern))
+        if found:
+            return found[0]
+        if process.poll() is not None:
+            raise AssertionError(f"rlhf exited ({process.returncode}) first:\n{(cwd / 'cli.out').read_text()[-3000:]}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{pattern} did not appear under {cwd} in {timeout} s")
+
+
+def wandb_records(run: Path) -> list[dict]:
+    """The records (run, history, summary, ...) of one offline W&B run folder, as `wandb leet inspect` reads them."""
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def wandb_history(run: Path) -> dict[int, dict]:
+    """The logged metrics of one offline W&B run folder, by step."""
+    rows = [r["history"]["item"] for r in wandb_records(run) if r.get("type") == "history"]
+    return {int(row["_step"]): row for row in rows}
 
 
 def single_run_dir(cwd: Path) -> Path:

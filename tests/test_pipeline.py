@@ -14,24 +14,15 @@ import pytest
 from rlhf.chat import Chat, interactive, resolve_model_dir
 from rlhf.config import compose
 from rlhf.plan import dry_run, plan
-from tests.conftest import run_cli, single_run_dir
+from tests.conftest import run_cli, single_run_dir, wandb_records
 
 SHORT = ["stage.sft.max_steps=12", "stage.reward.max_steps=12", "stage.ppo.max_steps=2", "stage.ppo.eval_prompts=8"]
 
 
 def wandb_run_records(run_dir: Path) -> list[dict]:
     """The run records (name, group, job type, config) of every offline W&B run under `run_dir`."""
-    records = []
-    for folder in sorted(run_dir.rglob("offline-run-*")):
-        out = subprocess.run(
-            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(folder)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        run = next(json.loads(line)["run"] for line in out.splitlines() if '"type":"run"' in line)
-        records.append(run)
-    return records
+    folders = sorted(run_dir.rglob("offline-run-*"))
+    return [next(r["run"] for r in wandb_records(folder) if r.get("type") == "run") for folder in folders]
 
 
 def config_value(run: dict, dotted: str):
@@ -156,17 +147,28 @@ def test_dry_run_command_exits_before_loading_weights(tmp_path: Path) -> None:
     assert unknown.returncode == 2 and "its size is unknown without downloading it" in unknown.stdout + unknown.stderr
 
 
-def test_cpu_scaling_sweep_gives_four_runs_and_a_report(tmp_path: Path) -> None:
-    result = run_cli(["-m", "+sweep=scaling-cpu"], tmp_path, timeout=900)
+SWEEPS = {  # (extra overrides, the (model, world size) pairs the jobs cover)
+    "model sizes": (["hardware=cpu"], {("tiny", 1), ("tiny-large", 1)}),
+    "sizes x world sizes": ([], {("tiny", 1), ("tiny", 2), ("tiny-large", 1), ("tiny-large", 2)}),
+}
+
+
+@pytest.mark.parametrize(
+    "sweep_name", ["model sizes", pytest.param("sizes x world sizes", marks=pytest.mark.slow)]
+)  # the full sweep adds two 2-process jobs (two minutes); CI runs its model-size half
+def test_cpu_scaling_sweep_gives_a_run_per_job_and_a_report(sweep_name: str, tmp_path: Path) -> None:
+    extra, expected = SWEEPS[sweep_name]
+    args = ["-m", "+sweep=scaling-cpu", "stage.max_steps=4", "stage.eval_interval=4", *extra]
+    result = run_cli(args, tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (sweep,) = list((tmp_path / "outputs" / "multirun").glob("*/*-scaling-cpu"))
     jobs = sorted(p.parent for p in sweep.glob("*/sft/summary.json"))
-    assert len(jobs) == 4
+    assert len(jobs) == len(expected)
     runs = wandb_run_records(sweep)
-    assert len(runs) == 4 and len({r["run_group"] for r in runs}) == 1
+    assert len(runs) == len(expected) and len({r["run_group"] for r in runs}) == 1
     assert runs[0]["run_group"] == sweep.name
     axes = {(config_value(r, "model.name"), config_value(r, "hardware.world_size")) for r in runs}
-    assert axes == {("tiny", 1), ("tiny", 2), ("tiny-large", 1), ("tiny-large", 2)}
+    assert axes == expected
 
     report = subprocess.run(
         [sys.executable, "-m", "rlhf.report", str(sweep), "--out", str(tmp_path / "report")],
@@ -175,7 +177,7 @@ def test_cpu_scaling_sweep_gives_four_runs_and_a_report(tmp_path: Path) -> None:
     )
     assert report.returncode == 0, report.stderr
     rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
-    assert len(rows) == 4 and {r["world_size"] for r in rows} == {"1", "2"}
+    assert len(rows) == len(expected) and {r["world_size"] for r in rows} == {str(w) for _, w in expected}
     sizes = {r["model"]: float(r["params_m"]) for r in rows}
     assert sizes["tiny-large"] > sizes["tiny"] > 0
     assert all(float(r["wall_s"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)

@@ -167,7 +167,9 @@ def test_reward_zero_lora_checkpointing(name: str, tmp_path: Path, dist_process_
 def test_reward_from_an_sft_output_on_two_processes(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    sft = run_cli(["experiment=tiny", "stage=sft", "stage.max_steps=2"], tmp_path / "a")
+    sft = run_cli(
+        ["experiment=tiny", "stage=sft", "stage.max_steps=2", "stage.eval_max_batches=1", "logger=none"], tmp_path / "a"
+    )
     assert sft.returncode == 0, sft.stderr[-3000:]
     sft_final = single_run_dir(tmp_path / "a") / "sft" / "final"
     result = run_cli(
@@ -176,6 +178,7 @@ def test_reward_from_an_sft_output_on_two_processes(tmp_path: Path) -> None:
             "stage=reward",
             "hardware=cpu-2proc",
             "stage.max_steps=4",
+            "stage.eval_max_batches=2",
             f"stage.init_from={sft_final}",
         ],
         tmp_path / "b",

@@ -43,7 +43,10 @@ def generate_from(model_dir: Path) -> str:
 
 
 def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
-    result = run_cli(["experiment=tiny", "stage=sft", "stage.max_steps=30", "stage.eval_interval=15"], tmp_path)
+    result = run_cli(
+        ["experiment=tiny", "stage=sft", "stage.max_steps=30", "stage.global_batch=8", "stage.eval_interval=15"],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = single_run_dir(tmp_path)
     summary = read_summary(run_dir, "sft")
@@ -63,17 +66,6 @@ def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
     text = json.dumps(record)
     assert "sft/loss" in text and "sft/eval_loss" in text
     assert '"tiny"' in text and "global_batch" in text  # the resolved config is the run config
-
-
-def test_sft_tiny_two_processes_zero2(tmp_path: Path) -> None:
-    result = run_cli(["experiment=tiny", "stage=sft", "hardware=cpu-2proc", "stage.max_steps=6"], tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = single_run_dir(tmp_path)
-    summary = read_summary(run_dir, "sft")
-    assert summary["world_size"] == 2 and summary["steps"] == 6
-    assert len(wandb_runs(run_dir)) == 1
-    assert [p.name for p in (run_dir / "sft").iterdir() if p.is_dir()] == ["final"]
-    generate_from(run_dir / "sft" / "final")
 
 
 @pytest.fixture
@@ -111,23 +103,6 @@ def test_lora_sft_trains_only_lora_and_merged_model_matches(lora_trainer: SFTTra
         got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
-
-
-def test_training_state_round_trips(tmp_path: Path, dist_process_group) -> None:
-    cfg = compose(["experiment=tiny", "stage=sft", "logger=none", "stage.max_steps=3"])
-    first = SFTTrainer(cfg, tmp_path, Tracker(cfg, "sft", tmp_path))
-    first.setup()
-    first.train()
-    first.save_state(tmp_path / "ckpt")
-
-    second = SFTTrainer(cfg, tmp_path, Tracker(cfg, "sft", tmp_path))
-    second.setup()
-    second.load_state(tmp_path / "ckpt")
-    assert second.step == 3
-    pairs = zip(first.engine.module.named_parameters(), second.engine.module.named_parameters(), strict=True)
-    for (name, a), (_, b) in pairs:
-        torch.testing.assert_close(a, b, msg=name)
-    assert second.micro_batches(3)[0]["input_ids"].equal(first.micro_batches(3)[0]["input_ids"])
 
 
 @pytest.mark.slow

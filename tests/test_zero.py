@@ -28,7 +28,15 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_sft_runs_and_saves(name: str, tmp_path: Path, dist_process_group) -> None:
     cfg = compose(
-        ["experiment=tiny", "stage=sft", "logger=none", "stage.max_steps=3", "stage.global_batch=8", *CASES[name]]
+        [
+            "experiment=tiny",
+            "stage=sft",
+            "logger=none",
+            "stage.max_steps=3",
+            "stage.global_batch=8",
+            "stage.eval_max_batches=1",
+            *CASES[name],
+        ]
     )
     summary = stages.run(cfg, tmp_path)
     assert summary["steps"] == 3

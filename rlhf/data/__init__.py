@@ -53,6 +53,10 @@ def source_rows(source: DictConfig, data_cfg: DictConfig) -> tuple[list[dict], R
             )
     except (OSError, ValueError) as err:
         raise DataError(f"data source {source_label(source)}: {err}") from err
+    if not rows:
+        skipped = sum(report.skipped.values())
+        why = f"all {skipped} skipped, first: {report.first_errors[0]}" if skipped else "it is empty"
+        raise DataError(f"data source {source_label(source)}: no usable rows ({why})")
     if report.skipped:
         log.warning(
             "data source %s: %d rows kept, %d skipped (%s); first: %s",

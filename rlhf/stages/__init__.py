@@ -10,7 +10,8 @@ from typing import Protocol
 
 from omegaconf import DictConfig
 
-from rlhf import dist
+from rlhf import checkpoint, dist
+from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, world_size
 from rlhf.plan import model_params
 from rlhf.progress import markdown_table
@@ -23,9 +24,13 @@ log = logging.getLogger(__name__)
 
 
 class StageTrainer(Protocol):
-    """What every stage trainer offers: the runner calls setup, train, save; checkpoints use save/load_state."""
+    """What every stage trainer offers: the runner calls setup, train, save; checkpoints use engines and the loop
+    state (`state_dict`, `load_state_dict`), and set `checkpoints` before training."""
 
     name: str
+    step: int
+    steps_per_epoch: int
+    checkpoints: Checkpointer | None
 
     def setup(self) -> None: ...
 
@@ -33,24 +38,45 @@ class StageTrainer(Protocol):
 
     def save(self) -> Path: ...
 
-    def save_state(self, path: Path) -> None: ...
+    def engines(self) -> dict: ...
 
-    def load_state(self, path: Path) -> None: ...
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 TRAINERS: dict[str, type[StageTrainer]] = {"sft": SFTTrainer, "reward": RewardTrainer, "ppo": PPOTrainer}
 MODEL_OPTION = {"sft": "model", "reward": "reward_model", "ppo": "model"}  # the model option a stage trains
 
 
+def finished_summary(run_dir: Path, name: str) -> dict | None:
+    """The summary of stage `name` if it finished in `run_dir` (its summary and final model are there)."""
+    path = run_dir / name / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if Path(summary["output"]).is_dir() else None
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Set up, train and save one stage in this process (one rank); rank 0 writes `<stage>/summary.json`."""
+    """Set up, train and save one stage in this process (one rank); rank 0 writes `<stage>/summary.json`. With
+    `resume` set, the stage continues from its newest complete checkpoint (same step, data order, RNG and W&B run);
+    SIGTERM and SIGINT stop it with a checkpoint (raising checkpoint.Preempted)."""
     name = cfg.stage.name
     started = time.perf_counter()
-    with Tracker(cfg, name, run_dir, dist.rank()) as tracker:
+    folder = checkpoint.stage_folder(run_dir, name)
+    latest = checkpoint.latest(folder) if cfg.resume else None
+    manifest = checkpoint.read_manifest(latest) if latest else {}
+    resume_id = manifest.get("wandb_id")
+    with checkpoint.StopRequest() as stop, Tracker(cfg, name, run_dir, dist.rank(), resume_id) as tracker:
         trainer = TRAINERS[name](cfg, run_dir, tracker)
         trainer.setup()
+        trainer.checkpoints = checkpoint.Checkpointer(trainer, cfg, folder, tracker.run_id or resume_id, stop)
+        if latest is not None:
+            trainer.checkpoints.load(latest)
         figures = trainer.train()
         output = trainer.save()
+        checkpoint.prune_finished(folder)
         wall_s = time.perf_counter() - started
         devices = world_size(cfg)
         params = model_params(cfg[MODEL_OPTION[name]], cache_dir(cfg))
@@ -62,6 +88,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "world_size": devices,
             "wall_s": wall_s,
             **figures,
+            "resumed_from_step": manifest.get("step"),
             "est_cost_usd": wall_s / 3600 * devices * cfg.hardware.cost_per_device_hour,
             "output": str(output),
         }

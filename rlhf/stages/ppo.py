@@ -20,10 +20,12 @@ from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf import dist, engine, models, rollout
+from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, world_size
 from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
 from rlhf.data.cache import cache_key, shared
 from rlhf.data.tokenize import PromptFormat, encode_prompts, encode_response, pad_left, pad_right, text_blocks
+from rlhf.guard import StepGuard, all_finite
 from rlhf.ppo import functional as F
 from rlhf.progress import StepLog
 from rlhf.tracking import Tracker
@@ -125,10 +127,19 @@ class RLHFEngine:
         self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
         if reward_fn is None:
             self.reward = engine.initialize_frozen(models.load_reward_model(stage.reward_from), cfg, hw_zero)
-            self.reward_tokenizer = AutoTokenizer.from_pretrained(stage.reward_from)
+            self.reward_tokenizer = load_saved_tokenizer(stage.reward_from)
             self.reward_stats = models.reward_stats(stage.reward_from)
         critic_source = stage.critic_from or stage.reward_from
         if critic_source:
+            critic_vocab = (
+                self.reward_tokenizer if critic_source == stage.reward_from else load_saved_tokenizer(critic_source)
+            ).get_vocab()
+            if critic_vocab != self.tokenizer.get_vocab():
+                key = "stage.critic_from" if stage.critic_from else "stage.reward_from (the critic's default start)"
+                raise models.ModelError(
+                    f"{key}={critic_source} uses another tokenizer than the actor, and the critic reads the actor's "
+                    "token ids: set stage.critic_from to a model with the actor's tokenizer"
+                )
             critic = models.load_reward_model(critic_source)
         else:  # a reward function and no reward model: a fresh head on the reward_model backbone
             lm = models.load_causal_lm(cfg.reward_model, self.tokenizer, cfg.seed, "", root)
@@ -232,6 +243,14 @@ class RLHFEngine:
         return self.reward(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
 
 
+def load_saved_tokenizer(path: str):
+    """The tokenizer saved beside a trained model, or a ModelError naming the folder."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise models.ModelError(f"cannot load the tokenizer saved in {path}: {err}") from err
+
+
 def actor_logprobs(
     model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float, entropy: bool = False
 ):
@@ -264,6 +283,9 @@ class PPOTrainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.ema: dict[str, torch.Tensor] | None = None
         self.rollout_s = 0.0  # seconds the last generate_experience spent generating
+        self.progress: dict = {"history": [], "evals": {}, "gen_s": 0.0, "rollout_s": 0.0, "train_s": 0.0}
+        self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
+        self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
         if engine is not None:
             self.setup()
 
@@ -421,15 +443,13 @@ class PPOTrainer:
                     ptx_loss = self._ptx_loss(start + epoch * len(order))
                     loss = loss + stage.ptx_coef * ptx_loss
                     stats["ptx_loss"] = ptx_loss.item()
-                eng.actor.backward(loss)
-                eng.actor.step()
+                self.guard.backward_step(eng.actor, loss)
 
                 m = m.to(critic_dev)
                 values = eng.critic(seq.to(critic_dev), mask.to(critic_dev), per_token=True)[:, width - 1 : -1]
                 old_values, returns = exp.values[idx].to(critic_dev), exp.returns[idx].to(critic_dev)
                 v_loss, v_clipfrac = F.value_loss(values.float(), old_values, returns, m, stage.value_clip)
-                eng.critic.backward(v_loss)
-                eng.critic.step()
+                self.guard.backward_step(eng.critic, v_loss)
                 stats |= {"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()}
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -458,84 +478,62 @@ class PPOTrainer:
         for name, value in self._actor_state().items():
             self.ema[name].mul_(beta).add_(value.float(), alpha=1.0 - beta)
 
-    # 4. the loop: iterations with metrics, sample tables, and the gold-score evaluation before, during and after
+    # 4. the loop: iterations with metrics, sample tables, and the gold-score evaluation before, during and after;
+    # a checkpoint when due and at a stop request (also between experience and learning); an iteration with a
+    # non-finite reward is skipped, as is an update with a non-finite loss
     def train(self) -> dict:
-        _cfg, stage = self.cfg, self.cfg.stage
+        stage, progress = self.cfg.stage, self.progress
         steplog = StepLog("ppo", self.total_steps, stage.log_interval, log, enabled=self.rank == 0)
-        evals: dict[str, float] = {}
+        evals = progress["evals"]
         if self.step == 0:
             start = self.evaluate()
             evals |= {f"{k.split('/')[1]}_start": v for k, v in start.items()}
             self.tracker.log(start, step=0)
-        history: list[dict[str, float]] = []
-        gen_s_total = rollout_s_total = train_s_total = 0.0
+        history = progress["history"]
         for batch in self.prompt_batches():
             started = time.perf_counter()
             exp = self.generate_experience(batch)
+            if self.checkpoints is not None:
+                self.checkpoints.check_stop()
             gen_s = time.perf_counter() - started
-            stats = self.train_step(exp)
+            if guard_ok := all_finite(exp.raw_scores, exp.values):
+                stats = self.train_step(exp)
+            else:
+                self.guard.skip_step()
+                self.step += 1
             train_s = time.perf_counter() - started - gen_s
-            gen_s_total += gen_s
-            rollout_s_total += self.rollout_s
-            train_s_total += train_s
-            m = exp.response_mask.float()
-            lengths = exp.response_mask.sum(dim=1).float()
-            n_rows, score_sum, score_sq, raw_sum, kl_sum, len_sum, eos_sum, gen_tokens, train_tokens = (
-                dist.all_reduce_sum(
-                    [
-                        len(exp.scores),
-                        exp.scores.sum().item(),
-                        (exp.scores**2).sum().item(),
-                        exp.raw_scores.sum().item(),
-                        exp.kl.sum().item(),
-                        lengths.sum().item(),
-                        (exp.sequences[:, -exp.response_mask.shape[1] :] == self.tokenizer.eos_token_id)
-                        .any(dim=1)
-                        .sum()
-                        .item(),
-                        lengths.sum().item(),
-                        exp.attention_mask.sum().item() * stage.ppo_epochs,
-                    ]
-                )
-            )
-            reward_mean = score_sum / n_rows
-            kl_mean = kl_sum / n_rows
-            metrics = {
-                "ppo/reward_mean": reward_mean,
-                "ppo/reward_std": max(score_sq / n_rows - reward_mean**2, 0.0) ** 0.5,
-                "ppo/score_raw_mean": raw_sum / n_rows,
-                "ppo/kl": kl_mean,
-                "ppo/kl_coef": self.kl_ctl.value,
-                **{f"ppo/{k}": v for k, v in stats.items()},
-                "ppo/response_len": len_sum / n_rows,
-                "ppo/eos_rate": eos_sum / n_rows,
-                "ppo/value_explained_var": F.explained_variance(exp.values, exp.returns, m),
-                "ppo/actor_lr": self.engine.actor.get_lr()[0],
-                "perf/gen_tokens_per_s": gen_tokens / self.rollout_s,
-                "perf/train_tokens_per_s": train_tokens / train_s,
-                "perf/gen_time_frac": self.rollout_s / (gen_s + train_s),
-                "perf/experience_time_frac": gen_s / (gen_s + train_s),
-                "perf/step_s": gen_s + train_s,
-            }
-            self.kl_ctl.update(kl_mean, int(n_rows))
-            history.append(metrics)
-            if self.step % stage.eval_interval == 0 or self.step == self.total_steps:
+            skipped = self.guard.end_step(self.step)
+            progress["gen_s"] += gen_s
+            progress["rollout_s"] += self.rollout_s
+            progress["train_s"] += train_s
+            metrics: dict[str, float] = {"guard/skipped_steps": self.guard.skipped}
+            if not guard_ok:
+                log.warning("ppo iteration %d: non-finite reward or value; skipped", self.step)
+            else:
+                metrics |= self._iteration_metrics(exp, stats, gen_s, train_s)
+                if not skipped:
+                    history.append(metrics)
+            if self._eval_due():
                 metrics |= self.evaluate()
                 evals |= {k.split("/")[1]: metrics[k] for k in EVAL_METRICS if k in metrics}
             self.tracker.log(metrics, step=self.step)
-            if self.step % stage.sample_table_interval == 0 or self.step == 1:
+            if guard_ok and (self.step % stage.sample_table_interval == 0 or self.step == 1):
                 rows = [
                     {"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in self._last_texts[:4]
                 ]
                 self.tracker.table("ppo/samples", rows, step=self.step)
-            shown = {k: metrics[k] for k in SHOWN_METRICS}
-            steplog.step(self.step, shown, gen_tokens / self.rollout_s, gen_s + train_s)
+            if guard_ok:
+                shown = {k: metrics.get(k, float("nan")) for k in SHOWN_METRICS}
+                steplog.step(self.step, shown, metrics["perf/gen_tokens_per_s"], gen_s + train_s)
+            if self.checkpoints is not None:
+                self.checkpoints.step_done(self.total_steps)
         window = max(1, min(5, len(history) // 4))
 
         def mean_of(key: str, rows: list[dict]) -> float:
             return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
 
-        total = gen_s_total + train_s_total
+        gen_s_total, rollout_s_total = progress["gen_s"], progress["rollout_s"]
+        total = gen_s_total + progress["train_s"]
         return {
             "steps": self.step,
             "samples": self.step * stage.global_batch,
@@ -553,7 +551,55 @@ class PPOTrainer:
             "kl_max": max((r["ppo/kl"] for r in history), default=float("nan")),
             **evals,
             "dropped_prompts": self.dropped,
+            "skipped_steps": self.guard.skipped,
         }
+
+    def _iteration_metrics(self, exp: Experience, stats: dict[str, float], gen_s: float, train_s: float) -> dict:
+        """The iteration's figures over all ranks (reward, KL, losses, lengths, throughput); updates the KL
+        controller with the iteration's KL."""
+        stage = self.cfg.stage
+        m = exp.response_mask.float()
+        lengths = exp.response_mask.sum(dim=1).float()
+        reached_eos = (exp.sequences[:, -exp.response_mask.shape[1] :] == self.tokenizer.eos_token_id).any(dim=1)
+        n_rows, score_sum, score_sq, raw_sum, kl_sum, len_sum, eos_sum, train_tokens = dist.all_reduce_sum(
+            [
+                len(exp.scores),
+                exp.scores.sum().item(),
+                (exp.scores**2).sum().item(),
+                exp.raw_scores.sum().item(),
+                exp.kl.sum().item(),
+                lengths.sum().item(),
+                reached_eos.sum().item(),
+                exp.attention_mask.sum().item() * stage.ppo_epochs,
+            ]
+        )
+        reward_mean = score_sum / n_rows
+        kl_mean = kl_sum / n_rows
+        metrics = {
+            "ppo/reward_mean": reward_mean,
+            "ppo/reward_std": max(score_sq / n_rows - reward_mean**2, 0.0) ** 0.5,
+            "ppo/score_raw_mean": raw_sum / n_rows,
+            "ppo/kl": kl_mean,
+            "ppo/kl_coef": self.kl_ctl.value,
+            **{f"ppo/{k}": v for k, v in stats.items()},
+            "ppo/response_len": len_sum / n_rows,
+            "ppo/eos_rate": eos_sum / n_rows,
+            "ppo/value_explained_var": F.explained_variance(exp.values, exp.returns, m),
+            "ppo/actor_lr": self.engine.actor.get_lr()[0],
+            "perf/gen_tokens_per_s": len_sum / self.rollout_s,
+            "perf/train_tokens_per_s": train_tokens / train_s,
+            "perf/gen_time_frac": self.rollout_s / (gen_s + train_s),
+            "perf/experience_time_frac": gen_s / (gen_s + train_s),
+            "perf/step_s": gen_s + train_s,
+        }
+        self.kl_ctl.update(kl_mean, int(n_rows))
+        return metrics
+
+    def _eval_due(self) -> bool:
+        """Evaluate every `eval_interval` iterations and at the last, but not when stopping early for a signal."""
+        due = self.step % self.cfg.stage.eval_interval == 0
+        stopping = self.checkpoints is not None and self.checkpoints.stop_requested()
+        return self.step == self.total_steps or (due and not stopping)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -614,17 +660,21 @@ class PPOTrainer:
         dist.barrier()
         return target
 
-    # 6. full training state: both trained engines, the step, the KL coefficient and the EMA
-    def save_state(self, path: Path) -> None:
-        engine.save_training_state(self.engine.actor, path / "actor", self.step)
-        engine.save_training_state(self.engine.critic, path / "critic", self.step)
-        if self.rank == 0:
-            torch.save({"kl_coef": self.kl_ctl.value, "ema": self.ema}, path / "ppo_state.pt")
+    # 6. checkpoints (rlhf.checkpoint): both trained engines, and the loop state, KL coefficient and EMA
+    def engines(self) -> dict:
+        return {"actor": self.engine.actor, "critic": self.engine.critic}
 
-    def load_state(self, path: Path) -> None:
-        self.step = engine.load_training_state(self.engine.actor, path / "actor")
-        engine.load_training_state(self.engine.critic, path / "critic")
-        extra = torch.load(path / "ppo_state.pt", weights_only=False)
-        self.kl_ctl.value = extra["kl_coef"]
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "progress": self.progress,
+            "kl_coef": self.kl_ctl.value,
+            "ema": self.ema,
+            "guard": self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.progress, self.kl_ctl.value = state["step"], state["progress"], state["kl_coef"]
+        self.guard.load_state_dict(state["guard"])
         if self.ema is not None and self.rank == 0:
-            self.ema = extra["ema"]
+            self.ema = state["ema"]

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from rlhf import dist, engine, models
+from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, grad_accum_steps
 from rlhf.data import DataError, batch_indices, plan_steps, stage_rows
 from rlhf.data.cache import cache_key, shared
 from rlhf.data.tokenize import PromptFormat, encode_pair, pad_right
+from rlhf.guard import StepGuard
 from rlhf.progress import StepLog, describe_plan, loss_figures
 from rlhf.tracking import Tracker
 
@@ -34,7 +36,7 @@ def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class RewardTrainer:
-    """Setup, train (with held-out pairwise accuracy), save (with score mean/std) and the full training state."""
+    """Setup, train (with held-out pairwise accuracy), save (with score mean/std), and checkpoint state."""
 
     name = "reward"
 
@@ -44,6 +46,9 @@ class RewardTrainer:
         self.step = 0
         self.rank, self.world = dist.rank(), dist.world_size()
         self.score_stats = {"mean": 0.0, "std": 1.0}
+        self.progress: dict = {"history": [], "evals": {}, "train_seconds": 0.0, "train_tokens": 0, "samples": 0}
+        self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
+        self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
 
     # 1. setup: tokenizer, pairs, backbone + head (+ LoRA, checkpointing), DeepSpeed engine
     def setup(self) -> None:
@@ -101,17 +106,16 @@ class RewardTrainer:
         half = scores.shape[0] // 2
         return scores[:half], scores[half:]
 
-    # 2. train: numbered optimizer steps over `accum` micro-batches of pairs; eval at 0, every interval and the end
+    # 2. train: numbered optimizer steps over `accum` micro-batches of pairs; eval at 0, every interval and the end;
+    # a checkpoint when due (see rlhf.checkpoint); a step with a non-finite loss is skipped and counted
     def train(self) -> dict:
-        cfg, eng = self.cfg, self.engine
+        cfg, eng, progress = self.cfg, self.engine, self.progress
         steplog = StepLog("reward", self.total_steps, cfg.stage.log_interval, log, enabled=self.rank == 0)
-        history: list[float] = []
-        evals: dict[str, float] = {}
+        evals = progress["evals"]
         if self.step == 0:
             start = self.evaluate()
-            evals = {"eval_acc_start": start["reward/acc"], "eval_loss_start": start["reward/eval_loss"]}
+            evals |= {"eval_acc_start": start["reward/acc"], "eval_loss_start": start["reward/eval_loss"]}
             self.tracker.log(start, step=0)
-        train_seconds, train_tokens, samples = 0.0, 0, 0
         eng.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
@@ -119,44 +123,55 @@ class RewardTrainer:
             for batch in self.micro_batches(self.step):
                 chosen, rejected = self._scores(batch)
                 loss = pairwise_loss(chosen, rejected, cfg.stage.margin)
-                eng.backward(loss)
-                eng.step()
-                loss_sum += loss.item() * len(chosen)
-                correct += int((chosen > rejected).sum())
-                pairs += len(chosen)
+                if self.guard.backward_step(eng, loss):
+                    loss_sum += loss.item() * len(chosen)
+                    correct += int((chosen > rejected).sum())
+                    pairs += len(chosen)
                 tokens += int(batch["attention_mask"].sum())
             loss_sum, correct, pairs, tokens = dist.all_reduce_sum([loss_sum, correct, pairs, tokens])
             step_s = time.perf_counter() - started
             self.step += 1
-            train_seconds += step_s
-            train_tokens += int(tokens)
-            samples += self.global_batch
-            history.append(loss_sum / pairs)
+            skipped = self.guard.end_step(self.step)
+            progress["train_seconds"] += step_s
+            progress["train_tokens"] += int(tokens)
+            progress["samples"] += self.global_batch
             metrics = {
-                "reward/loss": loss_sum / pairs,
-                "reward/train_acc": correct / pairs,
                 "reward/lr": eng.get_lr()[0],
+                "guard/skipped_steps": self.guard.skipped,
                 "perf/tokens_per_s": tokens / step_s,
                 "perf/step_s": step_s,
                 "perf/samples_per_s": self.global_batch / step_s,
             }
-            if self.step % cfg.stage.eval_interval == 0 or self.step == self.total_steps:
+            if not skipped:
+                progress["history"].append(loss_sum / pairs)
+                metrics |= {"reward/loss": loss_sum / pairs, "reward/train_acc": correct / pairs}
+            if self._eval_due():
                 metrics |= self.evaluate()
                 evals |= {"eval_acc": metrics["reward/acc"], "eval_loss": metrics["reward/eval_loss"]}
                 evals |= {k.split("/")[1]: metrics[k] for k in ("reward/chosen_mean", "reward/rejected_mean")}
             self.tracker.log(metrics, step=self.step)
-            shown = {k: metrics[k] for k in ("reward/loss", "reward/train_acc", "reward/lr")}
+            shown = {k: metrics.get(k, float("nan")) for k in ("reward/loss", "reward/train_acc", "reward/lr")}
             steplog.step(self.step, shown, tokens / step_s, step_s)
+            if self.checkpoints is not None:
+                self.checkpoints.step_done(self.total_steps)
+        history = progress["history"]
         return {
             "steps": self.step,
-            **loss_figures(history, samples, train_seconds, train_tokens),
+            **loss_figures(history, progress["samples"], progress["train_seconds"], progress["train_tokens"]),
             **evals,
             "gap": evals.get("chosen_mean", 0.0) - evals.get("rejected_mean", 0.0),
             "score_mean": self.score_stats["mean"],
             "score_std": self.score_stats["std"],
+            "skipped_steps": self.guard.skipped,
             "params": self.n_params,
             "trainable_params": self.n_trainable,
         }
+
+    def _eval_due(self) -> bool:
+        """Evaluate every `eval_interval` steps and at the last, but not when stopping early for a signal."""
+        due = self.step % self.cfg.stage.eval_interval == 0
+        stopping = self.checkpoints is not None and self.checkpoints.stop_requested()
+        return self.step == self.total_steps or (due and not stopping)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -223,9 +238,18 @@ class RewardTrainer:
         dist.barrier()
         return target
 
-    # 4. full training state (DeepSpeed engine + step + RNG), for checkpoints and resume
-    def save_state(self, path: Path) -> None:
-        engine.save_training_state(self.engine, path, self.step)
+    # 4. checkpoints (rlhf.checkpoint): the engine, and the loop state that a resumed run continues from
+    def engines(self) -> dict:
+        return {"model": self.engine}
 
-    def load_state(self, path: Path) -> None:
-        self.step = engine.load_training_state(self.engine, path)
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "progress": self.progress,
+            "score_stats": self.score_stats,
+            "guard": self.guard.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.progress, self.score_stats = state["step"], state["progress"], state["score_stats"]
+        self.guard.load_state_dict(state["guard"])

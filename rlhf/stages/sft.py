@@ -11,10 +11,12 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf import dist, engine, models
+from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, grad_accum_steps
 from rlhf.data import batch_indices, plan_steps, stage_rows
 from rlhf.data.cache import cache_key, shared
 from rlhf.data.tokenize import IGNORE_INDEX, PromptFormat, encode_sft, pad_right
+from rlhf.guard import StepGuard
 from rlhf.progress import StepLog, describe_plan, loss_figures
 from rlhf.tracking import Tracker
 
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class SFTTrainer:
-    """Setup, train, save (Hugging Face folder) and save/load of the full training state."""
+    """Setup, train, save (Hugging Face folder), and its engines and loop state for checkpoints."""
 
     name = "sft"
 
@@ -31,6 +33,9 @@ class SFTTrainer:
         self.out_dir = run_dir / self.name
         self.step = 0
         self.rank, self.world = dist.rank(), dist.world_size()
+        self.progress: dict = {"history": [], "evals": {}, "train_seconds": 0.0, "train_tokens": 0, "samples": 0}
+        self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
+        self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
 
     # 1. setup: tokenizer, data, model (+ LoRA, checkpointing), DeepSpeed engine
     def setup(self) -> None:
@@ -92,56 +97,71 @@ class SFTTrainer:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    # 2. train: numbered optimizer steps, each over `accum` micro-batches; eval at 0, every interval and the end
+    # 2. train: numbered optimizer steps, each over `accum` micro-batches; eval at 0, every interval and the end;
+    # a checkpoint when due (see rlhf.checkpoint); a step with a non-finite loss is skipped and counted
     def train(self) -> dict:
-        cfg, eng = self.cfg, self.engine
+        cfg, eng, progress = self.cfg, self.engine, self.progress
         steplog = StepLog("sft", self.total_steps, cfg.stage.log_interval, log, enabled=self.rank == 0)
-        history: list[float] = []
-        evals = {"eval_loss_start": self.evaluate()} if self.step == 0 else {}
-        self.tracker.log({"sft/eval_loss": evals.get("eval_loss_start", float("nan"))}, step=self.step)
-        train_seconds, train_tokens, samples = 0.0, 0, 0
+        if self.step == 0:
+            progress["evals"]["eval_loss_start"] = self.evaluate()
+            self.tracker.log({"sft/eval_loss": progress["evals"]["eval_loss_start"]}, step=0)
         eng.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
             loss_sum, answer_tokens, tokens = 0.0, 0, 0
             for batch in self.micro_batches(self.step):
                 out = eng(**{k: v.to(eng.device) for k, v in batch.items()})
-                eng.backward(out.loss)
-                eng.step()
+                finite = self.guard.backward_step(eng, out.loss)
                 n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                loss_sum += out.loss.item() * n_answer
-                answer_tokens += n_answer
+                loss_sum += out.loss.item() * n_answer if finite else 0.0
+                answer_tokens += n_answer if finite else 0
                 tokens += int(batch["attention_mask"].sum())
             loss_sum, answer_tokens, tokens = dist.all_reduce_sum([loss_sum, answer_tokens, tokens])
             step_s = time.perf_counter() - started
             self.step += 1
-            train_seconds += step_s
-            train_tokens += int(tokens)
-            samples += self.global_batch
+            skipped = self.guard.end_step(self.step)
+            progress["train_seconds"] += step_s
+            progress["train_tokens"] += int(tokens)
+            progress["samples"] += self.global_batch
             loss = loss_sum / max(answer_tokens, 1)
-            history.append(loss)
             metrics = {
-                "sft/loss": loss,
                 "sft/lr": eng.get_lr()[0],
+                "guard/skipped_steps": self.guard.skipped,
                 "perf/tokens_per_s": tokens / step_s,
                 "perf/step_s": step_s,
                 "perf/samples_per_s": self.global_batch / step_s,
             }
-            if self.step % cfg.stage.eval_interval == 0 or self.step == self.total_steps:
+            if not skipped:
+                progress["history"].append(loss)
+                metrics["sft/loss"] = loss
+            if self._eval_due():
                 metrics["sft/eval_loss"] = self.evaluate()
                 metrics["sft/ppl"] = math.exp(min(metrics["sft/eval_loss"], 50.0))
-                evals["eval_loss"] = metrics["sft/eval_loss"]
+                progress["evals"]["eval_loss"] = metrics["sft/eval_loss"]
             self.tracker.log(metrics, step=self.step)
-            steplog.step(self.step, {k: metrics[k] for k in ("sft/loss", "sft/lr")}, tokens / step_s, step_s)
+            shown = {"sft/loss": metrics.get("sft/loss", float("nan")), "sft/lr": metrics["sft/lr"]}
+            steplog.step(self.step, shown, tokens / step_s, step_s)
+            if self.checkpoints is not None:
+                self.checkpoints.step_done(self.total_steps)
+        evals = progress["evals"]
         return {
             "steps": self.step,
-            **loss_figures(history, samples, train_seconds, train_tokens),
+            **loss_figures(
+                progress["history"], progress["samples"], progress["train_seconds"], progress["train_tokens"]
+            ),
             **evals,
             "eval_ppl": math.exp(min(evals.get("eval_loss", float("nan")), 50.0)),
+            "skipped_steps": self.guard.skipped,
             "params": self.n_params,
             "trainable_params": self.n_trainable,
             "lora_params": self.n_lora,
         }
+
+    def _eval_due(self) -> bool:
+        """Evaluate every `eval_interval` steps and at the last, but not when stopping early for a signal."""
+        due = self.step % self.cfg.stage.eval_interval == 0
+        stopping = self.checkpoints is not None and self.checkpoints.stop_requested()
+        return self.step == self.total_steps or (due and not stopping)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -181,9 +201,13 @@ class SFTTrainer:
         dist.barrier()
         return target
 
-    # 4. full training state (DeepSpeed engine + step + RNG), for checkpoints and resume
-    def save_state(self, path: Path) -> None:
-        engine.save_training_state(self.engine, path, self.step)
+    # 4. checkpoints (rlhf.checkpoint): the engine, and the loop state that a resumed run continues from
+    def engines(self) -> dict:
+        return {"model": self.engine}
 
-    def load_state(self, path: Path) -> None:
-        self.step = engine.load_training_state(self.engine, path)
+    def state_dict(self) -> dict:
+        return {"step": self.step, "progress": self.progress, "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.progress = state["step"], state["progress"]
+        self.guard.load_state_dict(state["guard"])

@@ -1,0 +1,141 @@
+"""Checkpoints in process on tiny models: a checkpoint restores the engine, step, loop state and RNG; incomplete ones
+are skipped for the one before; old ones rotate away; another config is refused; non-finite losses skip steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf import checkpoint
+from rlhf.config import compose
+from rlhf.guard import NonFiniteError
+from rlhf.stages.sft import SFTTrainer
+from rlhf.tracking import Tracker
+
+SFT = ["experiment=tiny", "stage=sft", "logger=none", "stage.max_steps=4", "stage.checkpoint_interval=2"]
+
+
+def sft_trainer(run_dir: Path, overrides: list[str]) -> SFTTrainer:
+    cfg = compose(overrides)
+    trainer = SFTTrainer(cfg, run_dir, Tracker(cfg, "sft", run_dir))
+    trainer.setup()
+    trainer.checkpoints = checkpoint.Checkpointer(
+        trainer, cfg, checkpoint.stage_folder(run_dir, "sft"), wandb_id="run-id", stop=None
+    )
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dist_process_group) -> tuple[SFTTrainer, Path]:
+    """Four SFT steps with a checkpoint every two."""
+    run_dir = tmp_path_factory.mktemp("sft")
+    trainer = sft_trainer(run_dir, SFT)
+    trainer.train()
+    return trainer, run_dir
+
+
+def test_checkpoints_rotate_and_carry_a_manifest(trained) -> None:
+    _, run_dir = trained
+    folder = checkpoint.stage_folder(run_dir, "sft")
+    assert [p.name for p in checkpoint.checkpoint_folders(folder)] == ["step-0000004", "step-0000002"]
+    manifest = checkpoint.read_manifest(folder / "step-0000004")
+    assert manifest["step"] == 4 and manifest["wandb_id"] == "run-id" and manifest["config"]["stage"]["max_steps"] == 4
+    assert "model/state/mp_rank_00_model_states.pt" in manifest["files"] and "rng/rank0.pt" in manifest["files"]
+    assert not list(folder.glob(".tmp-*"))
+
+
+def test_keep_last_deletes_older_checkpoints(tmp_path: Path, dist_process_group) -> None:
+    trainer = sft_trainer(
+        tmp_path, [*SFT, "stage.max_steps=3", "stage.checkpoint_interval=1", "checkpoint.keep_last=1"]
+    )
+    trainer.train()
+    assert [p.name for p in checkpoint.checkpoint_folders(checkpoint.stage_folder(tmp_path, "sft"))] == ["step-0000003"]
+
+
+def test_a_checkpoint_restores_weights_optimizer_loop_state_and_rng(trained, tmp_path: Path) -> None:
+    first, run_dir = trained
+    path = checkpoint.latest(checkpoint.stage_folder(run_dir, "sft"))
+    second = sft_trainer(tmp_path, SFT)
+    second.checkpoints.load(path)
+    assert second.step == 4 and second.progress == first.progress
+    restored = dict(second.engine.module.named_parameters())
+    for name, param in first.engine.module.named_parameters():
+        torch.testing.assert_close(restored[name], param, rtol=0, atol=0, msg=name)
+    opt_a, opt_b = first.engine.optimizer.state_dict(), second.engine.optimizer.state_dict()
+    for key, state in opt_a["state"].items():
+        torch.testing.assert_close(state["exp_avg_sq"], opt_b["state"][key]["exp_avg_sq"], rtol=0, atol=0)
+    assert second.engine.get_lr() == first.engine.get_lr()
+    assert torch.equal(second.micro_batches(4)[0]["input_ids"], first.micro_batches(4)[0]["input_ids"])
+    rng = torch.load(path / "rng" / "rank0.pt", weights_only=False)
+    assert torch.equal(torch.get_rng_state(), rng["torch"])
+
+
+def test_a_truncated_checkpoint_is_skipped_for_the_one_before(trained, tmp_path: Path, caplog) -> None:
+    _, run_dir = trained
+    folder = tmp_path / "checkpoints"
+    shutil.copytree(checkpoint.stage_folder(run_dir, "sft"), folder)
+    newest = folder / "step-0000004" / "model" / "state" / "mp_rank_00_model_states.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        assert checkpoint.latest(folder).name == "step-0000002"
+    assert "step-0000004: model/state/mp_rank_00_model_states.pt has 1000 bytes" in caplog.text
+
+    (folder / "step-0000002" / "rng" / "rank0.pt").unlink()  # a missing file in the other one too: nothing usable
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint.*rng/rank0.pt is missing"):
+        checkpoint.latest(folder)
+    (folder / "step-0000006").mkdir()  # an interrupted save that got renamed without a manifest is never picked
+    assert checkpoint.verify(folder / "step-0000006") == "checkpoint.json is missing (an interrupted save)"
+
+
+def test_a_checkpoint_from_another_config_is_refused_naming_the_difference(trained, tmp_path: Path) -> None:
+    _, run_dir = trained
+    other = sft_trainer(tmp_path, [*SFT, "optimizer.lr=3e-4"])
+    with pytest.raises(checkpoint.CheckpointError, match=r"optimizer.lr: 0.001 -> 0.0003"):
+        other.checkpoints.load(checkpoint.latest(checkpoint.stage_folder(run_dir, "sft")))
+
+
+def nan_loss_at(trainer: SFTTrainer, steps: set[int]) -> None:
+    """Make the model's loss NaN during the given (0-based) optimizer steps."""
+
+    def hook(module, args, kwargs, output):
+        if trainer.step in steps:
+            output.loss = output.loss * float("nan")
+        return output
+
+    trainer.engine.module.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_non_finite_loss_skips_the_step_and_is_counted(zero: int, tmp_path: Path, dist_process_group) -> None:
+    trainer = sft_trainer(tmp_path, [*SFT, f"hardware.zero_stage={zero}", "stage.checkpoint_interval=0"])
+    nan_loss_at(trainer, {1})
+    weights = []
+    original_step = trainer.guard.end_step
+
+    def record(step: int) -> bool:
+        weights.append({n: p.detach().clone() for n, p in trainer.engine.module.named_parameters()})
+        return original_step(step)
+
+    trainer.guard.end_step = record
+    figures = trainer.train()
+    assert figures["skipped_steps"] == 1 and figures["steps"] == 4
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])  # step 2 left the weights alone
+    assert not all(torch.equal(weights[1][n], weights[2][n]) for n in weights[0])  # step 3 trained
+    assert all(torch.isfinite(p).all() for p in trainer.engine.module.parameters())
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_the_last_checkpoint_intact(
+    tmp_path: Path, dist_process_group
+) -> None:
+    trainer = sft_trainer(tmp_path, [*SFT, "stage.max_steps=8", "checkpoint.max_skipped_in_a_row=3"])
+    nan_loss_at(trainer, {4, 5, 6, 7})
+    with pytest.raises(NonFiniteError, match=r"3 steps in a row \(to step 7\)"):
+        trainer.train()
+    folder = checkpoint.stage_folder(tmp_path, "sft")
+    assert checkpoint.latest(folder).name == "step-0000004"  # steps 5 and 6 were skipped, not checkpointed
+    assert json.loads((folder / "step-0000004" / "checkpoint.json").read_text())["step"] == 4
