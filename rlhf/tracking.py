@@ -56,20 +56,30 @@ class Tracker:
         params = model_params(trained, cache_dir(cfg))  # sweep axes the W&B UI can chart
         config["model"]["params_m"] = round(params / 1e6, 2) if params else None
         config["hardware"]["world_size"] = world_size(cfg)
-        self.run = wandb.init(
-            project=cfg.logger.project,
-            entity=cfg.logger.entity or None,
-            group=group,
-            job_type=stage,
-            name=name,
-            tags=list(cfg.logger.tags) + [stage, cfg.model.name, cfg.hardware.name],
-            config=config,
-            dir=str(run_dir),
-            mode=mode,
-            id=resume_id,
-            resume="allow" if resume_id else None,
-            settings=wandb.Settings(console="off", silent=True),
-        )
+        try:
+            self.run = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity or None,
+                group=group,
+                job_type=stage,
+                name=name,
+                tags=list(cfg.logger.tags) + [stage, cfg.model.name, cfg.hardware.name],
+                config=config,
+                dir=str(run_dir),
+                mode=mode,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(console="off", silent=True),
+            )
+        except Exception as error:
+            if resume_id and "is in use" in str(error) and os.environ.get("WANDB_SERVICE"):
+                from rlhf.checkpoint import CheckpointError
+
+                raise CheckpointError(
+                    f"W&B run {resume_id} is still open in the wandb-core service named by WANDB_SERVICE (the "
+                    "interrupted run's); unset WANDB_SERVICE or restart that service, then resume again"
+                ) from error
+            raise
         log.info("W&B run %s (%s%s) in %s", self.run.id, mode, ", resumed" if resume_id else "", self.run.dir)
 
     @property

@@ -14,9 +14,10 @@ import pytest
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment of a child `rlhf`: W&B offline, no rank variables (the in-process group of
-    `dist_process_group` holds its port; a child needs its own), plus `extra`."""
+    `dist_process_group` holds its port; a child needs its own), no WANDB_SERVICE (an in-process test's
+    wandb-core would be shared, and a killed child's run would stay open in it), plus `extra`."""
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", HYDRA_FULL_ERROR="0")
-    for key in ("WANDB_API_KEY", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("WANDB_API_KEY", "WANDB_SERVICE", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env | extra
 
