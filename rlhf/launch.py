@@ -73,8 +73,8 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> str | None:
         return None
     if not cfg.resume:
         return (
-            f"{run_dir} already holds a run; continue it with resume=auto (same overrides) or choose another "
-            "hydra.run.dir"
+            f"{run_dir} already holds a run; continue it with resume=auto (same overrides and hydra.run.dir) or "
+            "choose another hydra.run.dir"
         )
     changed = config_diff(load_resolved(saved), cfg)
     if changed:
@@ -112,7 +112,7 @@ def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
         log.error("stage %s stopped: %s", cfg.stage.name, err)
         return 2
     except Preempted as stop:
-        log.warning("stage %s %s; continue with resume=auto (same overrides)", cfg.stage.name, stop)
+        log.warning("stage %s %s; continue with: rlhf resume=%s <the same overrides>", cfg.stage.name, stop, run_dir)
         return 128 + stop.signum
     except NonFiniteError as err:
         log.error("%s", err)

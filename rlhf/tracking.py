@@ -69,7 +69,8 @@ class Tracker:
                 mode=mode,
                 id=resume_id,
                 resume="allow" if resume_id else None,
-                settings=wandb.Settings(console="off", silent=True),
+                # flush the run file every second, not every 15 s: a killed run keeps what it logged before
+                settings=wandb.Settings(console="off", silent=True, x_transaction_log_flush_interval=1.0),
             )
         except Exception as error:
             if resume_id and "is in use" in str(error) and os.environ.get("WANDB_SERVICE"):
@@ -87,16 +88,19 @@ class Tracker:
         return self.run.id if self.run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Log and commit `step` now (W&B otherwise holds a step's row until the next step, and a killed run
+        would lose the step it checkpointed last); anything else for this step must be logged before."""
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log(metrics, step=step, commit=True)
 
     def table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
-        """A W&B table (e.g. sample prompts and responses) under `key` at `step`."""
+        """A W&B table (e.g. sample prompts and responses) under `key` at `step`, before `log` commits the step."""
         if self.run is not None and rows:
             import wandb
 
             columns = list(rows[0])
-            self.run.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])}, step=step)
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self.run.log({key: table}, step=step, commit=False)
 
     def summary(self, figures: dict[str, Any]) -> None:
         if self.run is not None:

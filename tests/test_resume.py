@@ -31,10 +31,11 @@ def output(result) -> str:
     return result.stdout + result.stderr
 
 
-def kill_after(cwd: Path, args: list[str], pattern: str) -> Path:
-    """Start `rlhf <args>`, SIGKILL it as soon as `pattern` (a checkpoint) exists; its run directory."""
+def kill_after(cwd: Path, args: list[str], pattern: str, grace: float = 0.0) -> Path:
+    """Start `rlhf <args>`, SIGKILL it `grace` seconds after `pattern` (a checkpoint) exists; its run directory."""
     process = start_cli(args, cwd)
     wait_for(cwd, pattern, process)
+    time.sleep(grace)
     process.kill()
     process.wait()
     return single_run_dir(cwd)
@@ -55,7 +56,8 @@ def test_sft_killed_with_sigkill_resumes_exactly_where_its_checkpoint_left(tmp_p
     assert reference.returncode == 0, output(reference)[-3000:]
     reference_dir = single_run_dir(tmp_path / "reference")
 
-    run_dir = kill_after(tmp_path / "killed", SFT, "outputs/*/*/sft/checkpoints/step-0000002")
+    # the grace lets W&B flush (every second) what the run logged up to its checkpoint
+    run_dir = kill_after(tmp_path / "killed", SFT, "outputs/*/*/sft/checkpoints/step-0000002", grace=1.5)
     assert not (run_dir / "sft" / "final").exists()
     resumed = run_cli([*SFT, f"resume={run_dir}"], tmp_path / "killed")
     assert resumed.returncode == 0, output(resumed)[-3000:]
@@ -69,6 +71,7 @@ def test_sft_killed_with_sigkill_resumes_exactly_where_its_checkpoint_left(tmp_p
     assert len(runs) == 2  # one W&B run (one id), continued
     after, before = wandb_history(runs[1]), wandb_history(stage_runs(reference_dir, "sft")[0])
     assert min(after) == step + 1 and max(after) == 6
+    assert set(wandb_history(runs[0])) | set(after) == set(range(7))  # no step lost from the W&B run
     for s in range(step + 1, 7):
         assert after[s]["sft/loss"] == pytest.approx(before[s]["sft/loss"], rel=1e-5, abs=1e-6), s
 

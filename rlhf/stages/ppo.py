@@ -486,6 +486,8 @@ class PPOTrainer:
         steplog = StepLog("ppo", self.total_steps, stage.log_interval, log, enabled=self.rank == 0)
         evals = progress["evals"]
         if self.step == 0:
+            if self.checkpoints is not None:
+                self.checkpoints.check_stop()  # a signal while loading: stop before the long held-out generation
             start = self.evaluate()
             evals |= {f"{k.split('/')[1]}_start": v for k, v in start.items()}
             self.tracker.log(start, step=0)
@@ -516,12 +518,12 @@ class PPOTrainer:
             if self._eval_due():
                 metrics |= self.evaluate()
                 evals |= {k.split("/")[1]: metrics[k] for k in EVAL_METRICS if k in metrics}
-            self.tracker.log(metrics, step=self.step)
             if guard_ok and (self.step % stage.sample_table_interval == 0 or self.step == 1):
                 rows = [
                     {"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in self._last_texts[:4]
                 ]
                 self.tracker.table("ppo/samples", rows, step=self.step)
+            self.tracker.log(metrics, step=self.step)  # commits the step: the table must come first
             if guard_ok:
                 shown = {k: metrics.get(k, float("nan")) for k in SHOWN_METRICS}
                 steplog.step(self.step, shown, metrics["perf/gen_tokens_per_s"], gen_s + train_s)
