@@ -165,10 +165,13 @@ def read_manifest(path: Path) -> dict:
     return json.loads((path / MANIFEST).read_text())
 
 
-def save(trainer: Checkpointable, folder: Path, cfg: DictConfig, rng: dict, wandb_id: str | None) -> Path:
+def save(
+    trainer: Checkpointable, folder: Path, cfg: DictConfig, rng: dict, wandb_id: str | None, elapsed_s: float = 0.0
+) -> Path:
     """Write the trainer's checkpoint at its current step into `folder` (every rank calls it) and keep the newest
-    `checkpoint.keep_last`. It is written as `.tmp-step-N` and renamed once every rank's files and the manifest are
-    in, so an interrupted save is never mistaken for a checkpoint."""
+    `checkpoint.keep_last`; `elapsed_s` is the stage's time so far, over all its invocations. It is written as
+    `.tmp-step-N` and renamed once every rank's files and the manifest are in, so an interrupted save is never
+    mistaken for a checkpoint."""
     target = step_folder(folder, trainer.step)
     if target.exists() and verify(target) is None:
         return target  # this step is already saved (e.g. stopped again right after a resume)
@@ -193,6 +196,7 @@ def save(trainer: Checkpointable, folder: Path, cfg: DictConfig, rng: dict, wand
             "world_size": dist.world_size(),
             "wandb_id": wandb_id,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "elapsed_s": elapsed_s,
             "files": files,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         }
@@ -275,24 +279,40 @@ class StopRequest:
 class Checkpointer:
     """A stage's checkpoint policy: save every `stage.checkpoint_interval` steps and at the last step (unless the
     step was skipped for a non-finite value), and when a stop is requested. The RNG state saved is the one at the
-    last step boundary, so a checkpoint taken mid-step resumes as if the step never began."""
+    last step boundary, so a checkpoint taken mid-step resumes as if the step never began. It also keeps the
+    stage's time across invocations: `started` is when this one began (perf_counter), the checkpoint adds the
+    time before it."""
 
     def __init__(
-        self, trainer: Checkpointable, cfg: DictConfig, folder: Path, wandb_id: str | None, stop: StopRequest | None
+        self,
+        trainer: Checkpointable,
+        cfg: DictConfig,
+        folder: Path,
+        wandb_id: str | None,
+        stop: StopRequest | None,
+        started: float | None = None,
     ) -> None:
         self.trainer, self.cfg, self.folder, self.wandb_id, self.stop = trainer, cfg, folder, wandb_id, stop
+        self.started = time.perf_counter() if started is None else started
+        self.elapsed_before = 0.0  # the stage's seconds up to the checkpoint this invocation resumed from
         self.rng = rng_state()
         self.last: Path | None = None
         self.signum = 0
 
+    def elapsed(self) -> float:
+        """The stage's seconds so far: up to the checkpoint resumed from, plus this invocation (work lost after
+        that checkpoint and the time between invocations are not counted)."""
+        return self.elapsed_before + time.perf_counter() - self.started
+
     def load(self, path: Path) -> dict:
         manifest = load(self.trainer, path, self.cfg)
+        self.elapsed_before = manifest.get("elapsed_s", 0.0)
         self.rng = rng_state()
         self.last = path
         return manifest
 
     def save(self) -> Path:
-        self.last = save(self.trainer, self.folder, self.cfg, self.rng, self.wandb_id)
+        self.last = save(self.trainer, self.folder, self.cfg, self.rng, self.wandb_id, self.elapsed())
         return self.last
 
     def stop_requested(self) -> int:

@@ -47,6 +47,8 @@ def test_checkpoints_rotate_and_carry_a_manifest(trained) -> None:
     assert manifest["step"] == 4 and manifest["wandb_id"] == "run-id" and manifest["config"]["stage"]["max_steps"] == 4
     assert "model/state/mp_rank_00_model_states.pt" in manifest["files"] and "rng/rank0.pt" in manifest["files"]
     assert not list(folder.glob(".tmp-*"))
+    earlier = checkpoint.read_manifest(folder / "step-0000002")
+    assert 0 < earlier["elapsed_s"] < manifest["elapsed_s"]  # the stage's time, for a resumed run's wall_s
 
 
 def test_keep_last_deletes_older_checkpoints(tmp_path: Path, dist_process_group) -> None:
@@ -63,6 +65,8 @@ def test_a_checkpoint_restores_weights_optimizer_loop_state_and_rng(trained, tmp
     second = sft_trainer(tmp_path, SFT)
     second.checkpoints.load(path)
     assert second.step == 4 and second.progress == first.progress
+    elapsed = checkpoint.read_manifest(path)["elapsed_s"]
+    assert second.checkpoints.elapsed_before == elapsed and second.checkpoints.elapsed() > elapsed
     restored = dict(second.engine.module.named_parameters())
     for name, param in first.engine.module.named_parameters():
         torch.testing.assert_close(restored[name], param, rtol=0, atol=0, msg=name)

@@ -71,13 +71,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     with checkpoint.StopRequest() as stop, Tracker(cfg, name, run_dir, dist.rank(), resume_id) as tracker:
         trainer = TRAINERS[name](cfg, run_dir, tracker)
         trainer.setup()
-        trainer.checkpoints = checkpoint.Checkpointer(trainer, cfg, folder, tracker.run_id or resume_id, stop)
+        trainer.checkpoints = checkpoint.Checkpointer(
+            trainer, cfg, folder, tracker.run_id or resume_id, stop, started=started
+        )
         if latest is not None:
             trainer.checkpoints.load(latest)
         figures = trainer.train()
         output = trainer.save()
         checkpoint.prune_finished(folder)
-        wall_s = time.perf_counter() - started
+        wall_s = trainer.checkpoints.elapsed()  # over all invocations when resumed
         devices = world_size(cfg)
         params = model_params(cfg[MODEL_OPTION[name]], cache_dir(cfg))
         summary = {
