@@ -163,6 +163,8 @@ class PPOStageConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     rollout: str = "generate"  # transformers.generate, or engine: the rollout engine (rlhf/rollout.py)
+    stop_at_eos: bool = True  # false: every response has max_new_tokens tokens (fixed-length benchmarks)
+    prompt_width: int = 0  # left-pad each batch's prompts to at least this many tokens (0: its longest prompt)
     # reward shaping
     kl_coef: float = 0.05
     kl_estimator: str = "k1"  # k1 or k3
@@ -423,6 +425,7 @@ def validate(cfg: DictConfig) -> None:
         need(stage.temperature > 0, f"stage.temperature={stage.temperature} must be > 0")
         need(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p} must be in (0, 1]")
         need(stage.rollout in ("engine", "generate"), f"stage.rollout={stage.rollout} must be engine or generate")
+        need(stage.prompt_width >= 0, f"stage.prompt_width={stage.prompt_width} must be >= 0 (0: the longest prompt)")
         need(0 <= stage.ema_beta < 1, f"stage.ema_beta={stage.ema_beta} must be in [0, 1)")
         need(stage.ppo_epochs >= 1, f"stage.ppo_epochs={stage.ppo_epochs} must be >= 1")
         per_update = max(world_size(cfg) * hw.micro_batch * stage.mini_batches, 1)
@@ -438,8 +441,9 @@ def validate(cfg: DictConfig) -> None:
         for key in ("actor_zero_stage", "critic_zero_stage"):
             need(-1 <= stage[key] <= 3, f"stage.{key}={stage[key]} must be -1 (hardware.zero_stage) or 0-3")
         need(
-            data.max_prompt_len + stage.max_new_tokens <= cfg.model.max_length,
-            f"data.max_prompt_len + stage.max_new_tokens = {data.max_prompt_len + stage.max_new_tokens} exceeds "
+            max(data.max_prompt_len, stage.prompt_width) + stage.max_new_tokens <= cfg.model.max_length,
+            f"data.max_prompt_len (or stage.prompt_width) + stage.max_new_tokens = "
+            f"{max(data.max_prompt_len, stage.prompt_width) + stage.max_new_tokens} exceeds "
             f"model.max_length={cfg.model.max_length}",
         )
     per_step = max(world_size(cfg) * hw.micro_batch, 1)  # a zero micro-batch has its own message above

@@ -38,9 +38,11 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    min_new_tokens: int = 0,
 ) -> torch.Tensor:
     """Prompt + response ids ([batch, width + n], n <= max_new_tokens): responses stop at EOS and are padded after
-    it. `input_ids` are left-padded; `temperature=0` decodes greedily."""
+    it; EOS cannot be sampled before `min_new_tokens`. `input_ids` are left-padded; `temperature=0` decodes
+    greedily."""
     batch, width = input_ids.shape
     device = input_ids.device
     total = width + max_new_tokens
@@ -66,6 +68,8 @@ def generate(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for step in range(max_new_tokens):
+        if step < min_new_tokens:
+            logits[:, eos_token_id] = float("-inf")
         token = sample_next(logits, temperature, top_p, generator)
         token = token.masked_fill(finished, pad_token_id)
         tokens[:, step] = token

@@ -95,3 +95,18 @@ def test_greedy_matches_generate_on_the_embedded_model() -> None:
     ours = rollout.generate(model, batch["input_ids"], batch["attention_mask"], 32, eos, pad, temperature=0)
     theirs = model.generate(**batch, max_new_tokens=32, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
+
+
+def test_min_new_tokens_keeps_eos_out_and_matches_generate() -> None:
+    model = tiny_model()
+    batch = prompts([5, 9, 3, 12])
+    free = rollout.generate(model, batch["input_ids"], batch["attention_mask"], 16, EOS, PAD, temperature=0)
+    eos = int(free[0, 12])  # row 0's first token: with it as EOS, row 0 would stop at once
+    ours = rollout.generate(
+        model, batch["input_ids"], batch["attention_mask"], 16, eos, PAD, temperature=0, min_new_tokens=16
+    )
+    theirs = model.generate(
+        **batch, max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=PAD
+    )
+    assert ours.shape == (4, 12 + 16) and not (ours[:, 12:] == eos).any()
+    assert torch.equal(ours, theirs)

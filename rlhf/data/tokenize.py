@@ -103,9 +103,10 @@ def text_blocks(tokenizer, texts: list[str], block_len: int) -> list[list[int]]:
     return [stream[i : i + block_len] for i in range(0, len(stream) - block_len + 1, block_len)]
 
 
-def pad_left(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-pad prompts for generation so every row's next token is at the same position."""
-    width = max(len(ids) for ids in sequences)
+def pad_left(sequences: list[list[int]], pad_id: int, min_width: int = 0) -> dict[str, torch.Tensor]:
+    """Left-pad prompts for generation so every row's next token is at the same position: to the longest row, or
+    to `min_width` if that is wider."""
+    width = max(min_width, *(len(ids) for ids in sequences))
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, ids in enumerate(sequences):

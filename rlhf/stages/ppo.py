@@ -212,10 +212,13 @@ class RLHFEngine:
                     self.tokenizer.pad_token_id,
                     temperature=0.0 if greedy else stage.temperature,
                     top_p=stage.top_p,
+                    min_new_tokens=0 if stage.stop_at_eos else stage.max_new_tokens,
                 )
             sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": stage.temperature}
             if not greedy:
                 sampling |= {"top_p": stage.top_p, "top_k": 0}
+            if not stage.stop_at_eos:
+                sampling["min_new_tokens"] = stage.max_new_tokens
             return model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -363,7 +366,7 @@ class PPOTrainer:
         """Rollouts for prompts as `prompt_batches` gives them ({prompt, input_ids})."""
         eng, stage, tok = self.engine, self.cfg.stage, self.tokenizer
         eng.eval_mode()
-        prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id)
+        prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id, stage.prompt_width)
         width = prompts["input_ids"].shape[1]
         started = time.perf_counter()
         sequences = eng.generate(prompts).cpu()
