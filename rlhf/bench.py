@@ -318,6 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"rlhf-bench: invalid config: {err}", file=sys.stderr)
         return 2
+    try:
+        compared = [trl_row(path) for path in args.compare]  # read first: a bad file should not cost a run
+    except (OSError, ValueError, KeyError) as err:
+        print(
+            f"rlhf-bench: --compare: cannot read a trl_ppo_bench.py result: {type(err).__name__}: {err}",
+            file=sys.stderr,
+        )
+        return 2
     stamp = time.strftime("%Y-%m-%d/%H-%M-%S")
     out = args.out or Path("outputs") / "bench" / f"{stamp}-{cfg.model.name}-{cfg.hardware.precision.value}"
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, DataError) as err:
         print(f"rlhf-bench: {err}", file=sys.stderr)
         return 2
-    rows = [figures, *(trl_row(path) for path in args.compare)]
+    rows = [figures, *compared]
     (out / "bench.json").write_text(json.dumps({"rlhf": figures, "compare": rows[1:]}, indent=1))
     text = table(rows)
     (out / "bench.md").write_text(text + "\n")

@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf import models
 from rlhf.config import compose
-from rlhf.stages.ppo import PPOTrainer, RLHFEngine, merged_lora, response_mask
+from rlhf.ppo import functional as F
+from rlhf.stages.ppo import PPOTrainer, RLHFEngine, actor_logprobs, merged_lora, response_mask
 from rlhf.stages.reward import RewardTrainer
 from rlhf.tracking import Tracker
+from tests import test_rollout
 from tests.conftest import read_summary, run_cli, single_run_dir
 from tests.test_sft import inspect_wandb, wandb_runs
 
@@ -180,3 +183,16 @@ def test_zero3_generation_gathers_the_actor_once_per_call(dist_process_group, mo
         )
     assert hook_gathers  # the hooked path does gather per step
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
+
+
+def test_actor_logprobs_with_the_head_on_response_positions_only_equal_the_full_logits() -> None:
+    model = test_rollout.tiny_model()
+    batch = test_rollout.prompts([5, 9, 3, 12])
+    sequences = torch.cat([batch["input_ids"], torch.randint(3, 97, (4, 6))], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones(4, 6, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        ours, entropy = actor_logprobs(model, sequences, mask, 12, 0.7, entropy=True)
+        full = model(input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask)).logits
+    expected = full[:, 11:-1] / 0.7
+    torch.testing.assert_close(ours, F.logprobs_of(expected, sequences[:, 12:]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, F.entropy_of(expected), rtol=1e-5, atol=1e-5)

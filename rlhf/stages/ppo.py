@@ -258,10 +258,14 @@ def actor_logprobs(
     model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float, entropy: bool = False
 ):
     """Log-probs of the response tokens (positions from `prompt_width` on) under the sampling distribution
-    (logits / temperature, as they were sampled) and, if asked, the entropy there."""
+    (logits / temperature, as they were sampled) and, if asked, the entropy there. The LM head runs only at the
+    positions that predict response tokens, not over the prompt."""
     sequences, mask = sequences.to(model.device), mask.to(model.device)
-    logits = model(input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask)).logits
-    logits = logits[:, prompt_width - 1 : -1] / temperature
+    keep = sequences.shape[1] - prompt_width + 1
+    logits = model(
+        input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask), logits_to_keep=keep
+    ).logits
+    logits = logits[:, :-1] / temperature
     logprobs = F.logprobs_of(logits, sequences[:, prompt_width:])
     return (logprobs, F.entropy_of(logits)) if entropy else logprobs
 
