@@ -196,3 +196,44 @@ def test_actor_logprobs_with_the_head_on_response_positions_only_equal_the_full_
     expected = full[:, 11:-1] / 0.7
     torch.testing.assert_close(ours, F.logprobs_of(expected, sequences[:, 12:]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy, F.entropy_of(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> None:
+    from rlhf import bench
+
+    base = ["experiment=bench", "model=tiny", "model@reward_model=tiny", "logger=none", f"cache_dir={tmp_path}"]
+    base += ["optimizer.actor_lr=1e-3", "optimizer.critic_lr=1e-3", "stage.max_new_tokens=16"]
+    trainers = {}
+    for precision in ("fp32", "bf16"):
+        cfg = compose([*base, f"hardware.precision={precision}"])
+        cfg.stage.reward_from = str(bench.reward_model_folder(cfg))
+        trainers[precision] = PPOTrainer(cfg, engine=RLHFEngine(cfg, total_steps=2))
+    fp32, bf16 = trainers["fp32"], trainers["bf16"]
+    actor16 = bf16.engine.actor
+    assert next(actor16.module.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for group in actor16.optimizer.fp32_groups for p in group)  # fp32 masters
+
+    torch.manual_seed(0)
+    exp = fp32.generate_experience(bench.bench_prompts(fp32.tokenizer, 8, 64))
+    sequences, mask = exp.sequences, exp.attention_mask
+    with torch.no_grad():
+        lp32 = actor_logprobs(fp32.engine.actor, sequences, mask, 64, 0.7)
+        lp16 = actor_logprobs(actor16, sequences, mask, 64, 0.7).float()
+    assert (lp16 - lp32).abs().mean() < 0.01 * lp32.abs().mean()  # bf16 forward ~ fp32 forward
+
+    names = {id(p): n for n, p in actor16.module.named_parameters()}
+    masters = {
+        names[id(p)]: master
+        for half, full in zip(actor16.optimizer.fp16_groups, actor16.optimizer.fp32_groups, strict=True)
+        for p, master in zip(half, full, strict=True)
+    }  # the fp32 copy the bf16 optimizer steps, by parameter name
+    params32 = dict(fp32.engine.actor.module.named_parameters())
+    before32 = {n: params32[n].detach().clone() for n in masters}
+    before16 = {n: m.clone() for n, m in masters.items()}
+    stats32, stats16 = fp32.train_step(exp), bf16.train_step(exp)
+    for key in ("policy_loss", "value_loss", "entropy"):
+        assert stats16[key] == pytest.approx(stats32[key], rel=0.1, abs=0.02), key
+    step32 = torch.cat([(params32[n].detach() - before32[n]).flatten() for n in masters])
+    step16 = torch.cat([(masters[n] - before16[n]).flatten() for n in masters])
+    assert step16.abs().max() > 0
+    assert torch.nn.functional.cosine_similarity(step32, step16, dim=0) > 0.98  # the same update, in bf16
