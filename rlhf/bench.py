@@ -188,7 +188,8 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
     """Build the four models, run `warmup` + `iterations` PPO iterations on the benchmark prompts and return the
     figures of the timed ones (also logged to W&B)."""
     from rlhf import dist
-    from rlhf.config import DType, world_size
+    from rlhf.config import world_size
+    from rlhf.models import TORCH_DTYPES
     from rlhf.stages.ppo import PPOTrainer, RLHFEngine
     from rlhf.tracking import Tracker
 
@@ -198,10 +199,10 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
     load_s = time.perf_counter() - load_started
     with Tracker(cfg, "bench", run_dir, dist.rank()) as tracker:
         trainer = PPOTrainer(cfg, run_dir, tracker, engine=engine)
-        rows = bench_prompts(engine.tokenizer, stage.global_batch * (warmup + iterations), stage.prompt_width)
-        if len(rows) < stage.global_batch * (warmup + iterations):
-            rows = rows * (stage.global_batch * (warmup + iterations) // len(rows) + 1)
-        dtype = {DType.bf16: torch.bfloat16, DType.fp16: torch.float16}.get(cfg.hardware.precision, torch.float32)
+        needed = stage.global_batch * (warmup + iterations)
+        prompts = bench_prompts(engine.tokenizer, needed, stage.prompt_width)
+        rows = [prompts[j % len(prompts)] for j in range(needed)]  # the 64 prompts again for longer runs
+        dtype = TORCH_DTYPES[cfg.hardware.precision]
         device = "cpu" if cfg.hardware.accelerator == "cpu" else "cuda"
         peak = matmul_peak(dtype, device)
         log.info("matmul peak (%s, %d threads): %.1f GFLOP/s", dtype, torch.get_num_threads(), peak / 1e9)
