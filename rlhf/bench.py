@@ -75,10 +75,13 @@ def forward_flops(shape: Shape, batch: int, tokens: int, context: int, head_toke
     return float(batch * (matmuls + attention))
 
 
-def phase_flops(actor: Shape, critic: Shape, batch: int, prompt: int, response: int) -> dict[str, float]:
+def phase_flops(
+    actor: Shape, critic: Shape, batch: int, prompt: int, response: int, actor_passes: int = 2
+) -> dict[str, float]:
     """The FLOPs one PPO iteration needs per phase: `generation` (the prompt pass, then one token per step with the
-    KV cache), `experience` (actor, reference, critic and reward model over prompt + response) and `training`
-    (actor and critic forward and backward, one epoch)."""
+    KV cache), `experience` (reference, critic and reward model over prompt + response, and the actor unless its
+    rollout log-probs are reused: `actor_passes` 1 or 2) and `training` (actor and critic forward and backward, one
+    epoch)."""
     total = prompt + response
     generation = forward_flops(actor, batch, prompt, prompt, 1) + sum(
         forward_flops(actor, batch, 1, prompt + step, 1) for step in range(1, response)
@@ -87,7 +90,7 @@ def phase_flops(actor: Shape, critic: Shape, batch: int, prompt: int, response: 
     critic_pass = forward_flops(critic, batch, total, total, 0)
     return {
         "generation": generation,
-        "experience": 2 * actor_pass + 2 * critic_pass,
+        "experience": actor_passes * actor_pass + 2 * critic_pass,
         "training": 3 * actor_pass + 3 * critic_pass,
     }
 
@@ -234,18 +237,21 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
                 timed.append(record)
         loop_s = time.perf_counter() - loop_started
         width = exp.sequences.shape[1] - exp.response_mask.shape[1]
+        reused = stage.rollout == "engine" and stage.reuse_rollout_logprobs
         flops = phase_flops(
             Shape.of(engine.actor.module.config),
             Shape.of(engine.critic.module.config),
             stage.global_batch,
             width,
             exp.response_mask.shape[1],
+            actor_passes=1 if reused else 2,
         )
         figures = {
             "system": "rlhf",
             "model": cfg.model.name,
             "dtype": cfg.hardware.precision.value,
             "rollout": stage.rollout,
+            "reused_rollout_logprobs": reused,
             "threads": torch.get_num_threads(),
             "world_size": world_size(cfg),
             "batch": stage.global_batch,
@@ -265,6 +271,7 @@ def trl_row(path: Path) -> dict:
     trl = json.loads(path.read_text())
     return {
         "system": f"{trl.get('system', 'trl')} {trl.get('trl', '')}".strip(),
+        "rollout": "generate",
         "dtype": trl["dtype"],
         "samples_per_s": trl["samples_per_s(train_loop)"],
         "gen_tokens_per_s": trl["gen_tokens_per_s(generation_only)"],
@@ -277,7 +284,7 @@ def trl_row(path: Path) -> dict:
 
 
 TABLE_COLUMNS = (
-    "system", "dtype", "samples_per_s", "gen_tokens_per_s", "train_tokens_per_s", "s_per_iteration", "gen_s",
+    "system", "dtype", "rollout", "samples_per_s", "gen_tokens_per_s", "train_tokens_per_s", "s_per_iteration", "gen_s",
     "exp_fwd_s", "train_s", "mfu_generation", "mfu_experience", "mfu_training", "mfu_total", "peak_gflops",
     "peak_rss_mb",
 )  # fmt: skip

@@ -49,6 +49,9 @@ def test_phase_figures_and_mfu() -> None:
     shape = bench.Shape.of(CONFIG)
     flops = bench.phase_flops(shape, shape, batch=8, prompt=64, response=32)
     assert flops["training"] == pytest.approx(1.5 * flops["experience"])
+    reused = bench.phase_flops(shape, shape, batch=8, prompt=64, response=32, actor_passes=1)
+    actor_pass = bench.forward_flops(shape, 8, 96, 96, 32)
+    assert reused["experience"] == pytest.approx(flops["experience"] - actor_pass)  # one actor pass fewer
     rounds = [bench.Iteration(2.0, 1.0, 3.0, 256, 768)] * 2
     figures = bench.summarise(rounds, flops, peak_flops=1e9, batch=8, loop_s=12.5)
     assert figures["samples_per_s"] == pytest.approx(16 / 12.5)
@@ -84,6 +87,7 @@ def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     ours = report["rlhf"]
+    assert ours["rollout"] == "engine" and ours["reused_rollout_logprobs"]
     assert ours["iterations"] == 2 and ours["prompt_len"] == 64 and ours["resp_len"] == 32 and ours["batch"] == 8
     assert ours["gen_tokens_per_s"] == pytest.approx(2 * 8 * 32 / ours["gen_s"])  # every response 32 tokens
     trained = ours["train_tokens_per_s"] * ours["train_s"] / 2  # real tokens per iteration: padding left out
@@ -94,7 +98,7 @@ def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -
     assert ours["peak_rss_mb"] > 100 and ours["peak_gflops"] > 1
     assert report["compare"][0]["samples_per_s"] == 0.35
     text = (out / "bench.md").read_text()
-    assert text.count("\n") == 4 and "| trl 1.12.0 | fp32 | 0.35 |" in text
+    assert text.count("\n") == 4 and "| trl 1.12.0 | fp32 | generate | 0.35 |" in text
     runs = list((out / "wandb").glob("offline-run-*"))
     summaries = [r for r in wandb_records(runs[0]) if r.get("type") == "summary"]
     assert "bench/samples_per_s" in json.dumps(summaries) and "bench/mfu_training" in json.dumps(summaries)

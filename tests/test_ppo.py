@@ -170,7 +170,7 @@ def test_zero3_generation_gathers_the_actor_once_per_call(dist_process_group, mo
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", CountingGathered)
     prompts = {"input_ids": torch.randint(5, 500, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
     prompts["attention_mask"][0, :2] = 0  # a left-padded row
-    ours = engine.generate(prompts, greedy=True)
+    ours = engine.generate(prompts, greedy=True).sequences
     assert len(calls) == 1 and hook_gathers == []  # one gather for the call, none per decoding step
     engine.actor.module.eval()
     with torch.no_grad():  # the same greedy tokens as generate through DeepSpeed's hooks, step by step

@@ -195,9 +195,10 @@ class RLHFEngine:
         self.critic.module.train()
 
     @torch.no_grad()
-    def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> torch.Tensor:
+    def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> rollout.Rollout:
         """Prompt + response ids; responses stop at EOS (padded after it) or at max_new_tokens. `stage.rollout`
-        picks `transformers.generate` (`generate`, the default) or the rollout engine (`engine`)."""
+        picks the rollout engine (`engine`, the default, which also gives the sampled tokens' log-probs) or
+        `transformers.generate` (`generate`, no log-probs)."""
         stage = self.cfg.stage
         input_ids = prompts["input_ids"].to(self.actor.device)
         attention_mask = prompts["attention_mask"].to(self.actor.device)
@@ -219,7 +220,7 @@ class RLHFEngine:
                 sampling |= {"top_p": stage.top_p, "top_k": 0}
             if not stage.stop_at_eos:
                 sampling["min_new_tokens"] = stage.max_new_tokens
-            return model.generate(
+            sequences = model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=stage.max_new_tokens,
@@ -228,6 +229,7 @@ class RLHFEngine:
                 use_cache=True,
                 **sampling,
             )
+            return rollout.Rollout(sequences, None)
 
     def score(self, prompts: list[str], responses: list[str], sequences: torch.Tensor, mask: torch.Tensor):
         """The raw reward of each sequence: the reward function, the reward model on these token ids (shared
@@ -373,7 +375,8 @@ class PPOTrainer:
         prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id, stage.prompt_width)
         width = prompts["input_ids"].shape[1]
         started = time.perf_counter()
-        sequences = eng.generate(prompts).cpu()
+        rolled = eng.generate(prompts)
+        sequences = rolled.sequences.cpu()
         self.rollout_s = time.perf_counter() - started  # generation alone, without the experience forward passes
         resp_mask = response_mask(sequences[:, width:], tok.eos_token_id)
         resp_mask[:, 0] = 1
@@ -384,7 +387,10 @@ class PPOTrainer:
         ]
         prompt_texts = [row["prompt"] for row in batch]  # as written (a string or chat messages), not templated
 
-        logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
+        if rolled.logprobs is not None and stage.reuse_rollout_logprobs:
+            logprobs = rolled.logprobs.cpu()  # the actor's at sampling time: a fresh forward equals them up to rounding
+        else:
+            logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
         ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
         device = eng.critic.device
         values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
@@ -628,7 +634,7 @@ class PPOTrainer:
             chunk = rows[start : start + micro]
             prompts = pad_left([r["input_ids"] for r in chunk], self.tokenizer.pad_token_id)
             width = prompts["input_ids"].shape[1]
-            sequences = self.engine.generate(prompts, greedy=True).cpu()
+            sequences = self.engine.generate(prompts, greedy=True).sequences.cpu()
             resp_mask = response_mask(sequences[:, width:], self.tokenizer.eos_token_id)
             resp_mask[:, 0] = 1
             mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
