@@ -107,6 +107,10 @@ def initialize(
     )
     config = deepspeed_config(cfg, zero_stage, accumulation)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # alone, DeepSpeed's all-reduce only flattens every gradient into a buffer and copies it back (0.35 s a
+        # step for 134M bf16 parameters here); ZeRO stages need the call, as it fills their gradient partitions
+        engine.enable_backward_allreduce = False
     return engine
 
 

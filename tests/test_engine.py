@@ -42,3 +42,27 @@ def test_offload_settings_reach_deepspeed() -> None:
     zero = deepspeed_config(cfg)["zero_optimization"]
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert zero["offload_param"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_process_at_zero_0_skips_the_all_reduce_with_the_same_update(dist_process_group, precision) -> None:
+    import torch
+
+    from rlhf.engine import initialize
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    cfg = compose(["experiment=tiny", "stage=sft", f"hardware.precision={precision}", "hardware.micro_batch=2"])
+    tokenizer = load_tokenizer(cfg.model)
+    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    weights = []
+    for all_reduce in (False, True):
+        engine = initialize(load_causal_lm(cfg.model, tokenizer, seed=3), cfg, total_steps=4, accumulation=1)
+        assert engine.enable_backward_allreduce is False
+        engine.enable_backward_allreduce = all_reduce
+        for _ in range(2):
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+        weights.append(torch.cat([p.detach().float().flatten() for p in engine.module.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    start = load_causal_lm(cfg.model, tokenizer, seed=3).to(next(engine.module.parameters()).dtype)
+    assert not torch.equal(torch.cat([p.detach().float().flatten() for p in start.parameters()]), weights[0])
