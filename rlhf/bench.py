@@ -207,9 +207,10 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
         rows = [prompts[j % len(prompts)] for j in range(needed)]  # the 64 prompts again for longer runs
         dtype = TORCH_DTYPES[cfg.hardware.precision]
         device = "cpu" if cfg.hardware.accelerator == "cpu" else "cuda"
-        peak = matmul_peak(dtype, device)
-        log.info("matmul peak (%s, %d threads): %.1f GFLOP/s", dtype, torch.get_num_threads(), peak / 1e9)
+        peak_before = matmul_peak(dtype, device)
+        log.info("matmul peak (%s, %d threads): %.1f GFLOP/s", dtype, torch.get_num_threads(), peak_before / 1e9)
         timed: list[Iteration] = []
+        shapes: list[tuple[int, int]] = []  # (prompt, response) widths computed on in each timed iteration
         loop_started = 0.0
         for i in range(warmup + iterations):
             if i == warmup:
@@ -235,17 +236,19 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
             tracker.log({f"bench/{k}": v for k, v in asdict(record).items()}, step=i + 1)
             if i >= warmup:
                 timed.append(record)
+                shapes.append((exp.sequences.shape[1] - exp.response_mask.shape[1], exp.response_mask.shape[1]))
         loop_s = time.perf_counter() - loop_started
-        width = exp.sequences.shape[1] - exp.response_mask.shape[1]
+        # measured again after the loop: a shared machine's rate drifts, and a low reading would inflate every MFU
+        peak_after = matmul_peak(dtype, device)
+        peak = max(peak_before, peak_after)
+        log.info("matmul peak before the loop %.1f, after %.1f GFLOP/s", peak_before / 1e9, peak_after / 1e9)
         reused = stage.rollout == "engine" and stage.reuse_rollout_logprobs
-        flops = phase_flops(
-            Shape.of(engine.actor.module.config),
-            Shape.of(engine.critic.module.config),
-            stage.global_batch,
-            width,
-            exp.response_mask.shape[1],
-            actor_passes=1 if reused else 2,
-        )
+        actor, critic = Shape.of(engine.actor.module.config), Shape.of(engine.critic.module.config)
+        per_iteration = [
+            phase_flops(actor, critic, stage.global_batch, prompt, response, actor_passes=1 if reused else 2)
+            for prompt, response in shapes
+        ]
+        flops = {phase: sum(f[phase] for f in per_iteration) / len(per_iteration) for phase in per_iteration[0]}
         figures = {
             "system": "rlhf",
             "model": cfg.model.name,
@@ -255,11 +258,14 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
             "threads": torch.get_num_threads(),
             "world_size": world_size(cfg),
             "batch": stage.global_batch,
-            "prompt_len": width,
-            "resp_len": exp.response_mask.shape[1],
+            "prompt_width": stage.prompt_width,
+            "prompt_len": sum(prompt for prompt, _ in shapes) / len(shapes),
+            "resp_len": sum(response for _, response in shapes) / len(shapes),
             "warmup_iterations": warmup,
             "load_s": load_s,
             **summarise(timed, flops, peak, stage.global_batch, loop_s),
+            "peak_gflops_before": peak_before / 1e9,
+            "peak_gflops_after": peak_after / 1e9,
             **peak_memory_mb(),
         }
         tracker.summary({f"bench/{k}": v for k, v in figures.items()})
@@ -273,6 +279,7 @@ def trl_row(path: Path) -> dict:
         "system": f"{trl.get('system', 'trl')} {trl.get('trl', '')}".strip(),
         "rollout": "generate",
         "dtype": trl["dtype"],
+        "prompt_len": trl.get("prompt_len", ""),
         "samples_per_s": trl["samples_per_s(train_loop)"],
         "gen_tokens_per_s": trl["gen_tokens_per_s(generation_only)"],
         "s_per_iteration": trl["train_loop_s"] / trl["iters"],
@@ -284,9 +291,9 @@ def trl_row(path: Path) -> dict:
 
 
 TABLE_COLUMNS = (
-    "system", "dtype", "rollout", "samples_per_s", "gen_tokens_per_s", "train_tokens_per_s", "s_per_iteration", "gen_s",
-    "exp_fwd_s", "train_s", "mfu_generation", "mfu_experience", "mfu_training", "mfu_total", "peak_gflops",
-    "peak_rss_mb",
+    "system", "dtype", "rollout", "prompt_len", "samples_per_s", "gen_tokens_per_s", "train_tokens_per_s",
+    "s_per_iteration", "gen_s", "exp_fwd_s", "train_s", "mfu_generation", "mfu_experience", "mfu_training",
+    "mfu_total", "peak_gflops", "peak_rss_mb",
 )  # fmt: skip
 
 

@@ -64,7 +64,7 @@ def test_phase_figures_and_mfu() -> None:
 TRL_JSON = {
     "system": "trl", "trl": "1.12.0", "dtype": "fp32", "iters": 4, "train_loop_s": 91.5, "gen_s": 20.5,
     "exp_other_fwd_s": 17.4, "train_s(fwd+bwd+step)": 50.0, "samples_per_s(train_loop)": 0.35,
-    "gen_tokens_per_s(generation_only)": 50.0, "peak_rss_mb": 8300.0,
+    "gen_tokens_per_s(generation_only)": 50.0, "peak_rss_mb": 8300.0, "prompt_len": 64,
 }  # fmt: skip
 
 
@@ -88,7 +88,12 @@ def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -
     report = json.loads((out / "bench.json").read_text())
     ours = report["rlhf"]
     assert ours["rollout"] == "engine" and ours["reused_rollout_logprobs"]
-    assert ours["iterations"] == 2 and ours["prompt_len"] == 64 and ours["resp_len"] == 32 and ours["batch"] == 8
+    assert (
+        ours["iterations"] == 2
+        and ours["prompt_width"] == ours["prompt_len"] == 64
+        and ours["resp_len"] == 32
+        and ours["batch"] == 8
+    )
     assert ours["gen_tokens_per_s"] == pytest.approx(2 * 8 * 32 / ours["gen_s"])  # every response 32 tokens
     trained = ours["train_tokens_per_s"] * ours["train_s"] / 2  # real tokens per iteration: padding left out
     assert 8 * (32 + 5) < trained < 8 * 96
@@ -98,7 +103,7 @@ def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -
     assert ours["peak_rss_mb"] > 100 and ours["peak_gflops"] > 1
     assert report["compare"][0]["samples_per_s"] == 0.35
     text = (out / "bench.md").read_text()
-    assert text.count("\n") == 4 and "| trl 1.12.0 | fp32 | generate | 0.35 |" in text
+    assert text.count("\n") == 4 and "| trl 1.12.0 | fp32 | generate | 64 | 0.35 |" in text
     runs = list((out / "wandb").glob("offline-run-*"))
     summaries = [r for r in wandb_records(runs[0]) if r.get("type") == "summary"]
     assert "bench/samples_per_s" in json.dumps(summaries) and "bench/mfu_training" in json.dumps(summaries)
