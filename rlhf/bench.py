@@ -126,9 +126,11 @@ def peak_memory_mb() -> dict[str, float]:
 
 def bench_prompts(tokenizer, count: int, width: int) -> list[dict]:
     """The benchmark's prompt rows ({prompt, input_ids}): " " + prompt, tokenised without a chat template (as
-    ../shared/bench does), cut to `width` tokens; PPO left-pads them to `width` (stage.prompt_width)."""
+    ../shared/bench does), cut to `width` tokens if `width` > 0; PPO left-pads them to `width` (stage.prompt_width)
+    or, with 0, to the longest prompt of each batch."""
     prompts = json.loads(PROMPTS_FILE.read_text())[:count]
-    return [{"prompt": p, "input_ids": tokenizer(" " + p)["input_ids"][-width:]} for p in prompts]
+    rows = [tokenizer(" " + p)["input_ids"] for p in prompts]
+    return [{"prompt": p, "input_ids": ids[-width:] if width else ids} for p, ids in zip(prompts, rows, strict=True)]
 
 
 def reward_model_folder(cfg) -> Path:

@@ -11,6 +11,7 @@ import torch
 
 from rlhf import models
 from rlhf.config import compose
+from rlhf.data.tokenize import used_columns
 from rlhf.ppo import functional as F
 from rlhf.stages.ppo import PPOTrainer, RLHFEngine, actor_logprobs, merged_lora, response_mask
 from rlhf.stages.reward import RewardTrainer
@@ -196,6 +197,21 @@ def test_actor_logprobs_with_the_head_on_response_positions_only_equal_the_full_
     expected = full[:, 11:-1] / 0.7
     torch.testing.assert_close(ours, F.logprobs_of(expected, sequences[:, 12:]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy, F.entropy_of(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_a_micro_batch_cut_to_its_used_columns_gives_the_same_logprobs() -> None:
+    model = test_rollout.tiny_model()
+    batch = test_rollout.prompts([5, 9, 3, 12])
+    sequences = torch.cat([batch["input_ids"], torch.randint(3, 97, (4, 6))], dim=1)
+    response = torch.tensor([[1] * 4 + [0] * 2, [1] * 6, [1] * 2 + [0] * 4, [1] * 6])
+    mask = torch.cat([batch["attention_mask"], response], dim=1)
+    rows = torch.tensor([0, 2])  # the short prompts and responses: 7 leading and 2 trailing columns unused
+    first, length = used_columns(mask[rows], response[rows], 12)
+    assert (first, length) == (7, 4)
+    with torch.no_grad():
+        full = actor_logprobs(model, sequences[rows], mask[rows], 12, 0.7)[:, :length]
+        cut = actor_logprobs(model, sequences[rows, first : 12 + length], mask[rows, first : 12 + length], 5, 0.7)
+    torch.testing.assert_close(cut * response[rows, :length], full * response[rows, :length], rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from rlhf.config import DataConfig, ModelConfig
-from rlhf.data.tokenize import PromptFormat, encode_prompts, pad_left, text_blocks
+from rlhf.data.tokenize import PromptFormat, encode_prompts, pad_left, text_blocks, used_columns
 from rlhf.models import load_tokenizer
 
 
@@ -36,3 +37,11 @@ def test_text_blocks_join_documents_with_eos(tokenizer) -> None:
     stream = [t for b in blocks for t in b]
     assert all(len(b) == 4 for b in blocks) and tokenizer.eos_token_id in stream
     assert tokenizer.decode(stream).startswith("one two three")
+
+
+def test_used_columns_drop_padding_shared_by_every_row_only() -> None:
+    attention = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 0, 0]])
+    response = attention[:, 4:]  # prompt width 4: responses of 3 and 2 tokens, then padding
+    assert used_columns(attention, response, 4) == (2, 3)
+    assert used_columns(attention, response, 4, min_prompt_width=3) == (1, 3)  # stage.prompt_width is kept
+    assert used_columns(attention[:, :4], response[:, :0], 4) == (2, 1)  # no response yet: one column kept

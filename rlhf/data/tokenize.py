@@ -116,6 +116,18 @@ def pad_left(sequences: list[list[int]], pad_id: int, min_width: int = 0) -> dic
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def used_columns(
+    attention_mask: torch.Tensor, response_mask: torch.Tensor, prompt_width: int, min_prompt_width: int = 0
+) -> tuple[int, int]:
+    """The columns a slice of a left-padded prompt + response batch needs, as (first, response_len): it drops the
+    leading columns that are padding in every row (keeping at least `min_prompt_width` prompt columns) and the
+    response columns after the last one any row uses. Nothing computed on the rest is used: it is masked everywhere."""
+    padding = (attention_mask[:, :prompt_width] == 0).all(dim=0).long()
+    first = min(int(padding.cumprod(dim=0).sum()), max(prompt_width - min_prompt_width, 0))
+    used = response_mask.any(dim=0).nonzero()
+    return first, int(used.max()) + 1 if len(used) else 1
+
+
 def pad_right(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch to its longest row: input_ids, attention_mask, labels (pad positions ignored)."""
     width = max(len(e["input_ids"]) for e in examples)

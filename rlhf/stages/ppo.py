@@ -24,7 +24,15 @@ from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, world_size
 from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
 from rlhf.data.cache import cache_key, shared
-from rlhf.data.tokenize import PromptFormat, encode_prompts, encode_response, pad_left, pad_right, text_blocks
+from rlhf.data.tokenize import (
+    PromptFormat,
+    encode_prompts,
+    encode_response,
+    pad_left,
+    pad_right,
+    text_blocks,
+    used_columns,
+)
 from rlhf.guard import StepGuard, all_finite
 from rlhf.ppo import functional as F
 from rlhf.progress import StepLog
@@ -443,10 +451,14 @@ class PPOTrainer:
             )
             for start in range(0, len(order), micro):
                 idx = order[start : start + micro]
-                seq, mask = exp.sequences[idx], exp.attention_mask[idx]
-                m = exp.response_mask[idx].float().to(actor_dev)
-                logprobs, entropy = actor_logprobs(eng.actor, seq, mask, width, stage.temperature, entropy=True)
-                old, advantages = exp.logprobs[idx].to(actor_dev), exp.advantages[idx].to(actor_dev)
+                # no padding beyond this micro-batch's longest prompt and response
+                first, length = used_columns(exp.attention_mask[idx], exp.response_mask[idx], width, stage.prompt_width)
+                seq, mask = exp.sequences[idx, first : width + length], exp.attention_mask[idx, first : width + length]
+                prompt = width - first
+                m = exp.response_mask[idx, :length].float().to(actor_dev)
+                logprobs, entropy = actor_logprobs(eng.actor, seq, mask, prompt, stage.temperature, entropy=True)
+                old = exp.logprobs[idx, :length].to(actor_dev)
+                advantages = exp.advantages[idx, :length].to(actor_dev)
                 pg_loss, clipfrac, approx_kl = F.policy_loss(logprobs, old, advantages, m, stage.clip_range)
                 loss = pg_loss
                 stats = {
@@ -462,8 +474,9 @@ class PPOTrainer:
                 self.guard.backward_step(eng.actor, loss)
 
                 m = m.to(critic_dev)
-                values = eng.critic(seq.to(critic_dev), mask.to(critic_dev), per_token=True)[:, width - 1 : -1]
-                old_values, returns = exp.values[idx].to(critic_dev), exp.returns[idx].to(critic_dev)
+                values = eng.critic(seq.to(critic_dev), mask.to(critic_dev), per_token=True)[:, prompt - 1 : -1]
+                old_values = exp.values[idx, :length].to(critic_dev)
+                returns = exp.returns[idx, :length].to(critic_dev)
                 v_loss, v_clipfrac = F.value_loss(values.float(), old_values, returns, m, stage.value_clip)
                 self.guard.backward_step(eng.critic, v_loss)
                 stats |= {"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()}
