@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.config import DType, Schedule, grad_accum_steps, world_size
+from rlhf.optim import MasterWeightAdamW
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio: float) -> float:
@@ -93,8 +94,19 @@ def initialize(
     `zero_stage` and `accumulation` override the run's (PPO's actor and critic differ)."""
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg.optimizer, lr)
     opt = cfg.optimizer
+    config = deepspeed_config(cfg, zero_stage, accumulation)
+    if config["bf16"]["enabled"] and config["zero_optimization"]["stage"] == 0 and not opt.offload:
+        # bf16 without ZeRO: our fp32-master AdamW (masters taken before rounding the model), not DeepSpeed's
+        # per-tensor wrapper; DeepSpeed then runs the bf16 model as is and leaves clipping to the optimizer
+        groups = param_groups(model, opt, lr)
+        optimizer = MasterWeightAdamW(
+            groups, max_grad_norm=cfg.stage.grad_clip, lr=groups[0]["lr"], betas=tuple(opt.betas), eps=opt.eps
+        )
+        model.to(torch.bfloat16)
+        config["bf16"]["enabled"], config["gradient_clipping"] = False, 0.0
+    else:
+        optimizer = build_optimizer(model, opt, lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         partial(
@@ -105,7 +117,6 @@ def initialize(
             min_ratio=opt.min_lr_ratio,
         ),
     )
-    config = deepspeed_config(cfg, zero_stage, accumulation)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # alone, DeepSpeed's all-reduce only flattens every gradient into a buffer and copies it back (0.35 s a

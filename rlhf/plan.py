@@ -5,7 +5,8 @@ Memory per device, for a model of P parameters of which T train, on N devices un
 keeps an fp32 master copy; DeepSpeed's own estimators are shown beside ours for the trained models' states):
   weights     P x bytes(precision), / N under ZeRO-3, 0 with parameter offload
   gradients   T x bytes(precision), / N under ZeRO-2 and 3
-  optimizer   T x (8 Adam moments + 4 master copy when not fp32), / N under ZeRO-1 to 3, 0 with optimizer offload
+  optimizer   T x (8 Adam moments + 4 master copy when not fp32, + 4 fp32 gradient buffer in bf16 at ZeRO-0),
+              / N under ZeRO-1 to 3, 0 with optimizer offload
   activations micro-batch x sequence x layers x (34 h + 5 heads x sequence) bytes in 16 bits (x2 in fp32), about
               2 h bytes per token and layer with gradient checkpointing; plus the fp32 logits of the micro-batch
 Time is FLOPs (6 P per trained token, 2 P per forward token, 8 P with checkpointing) over
@@ -146,7 +147,8 @@ def model_states(arch: Arch, trainable: int, zero: int, world: int, precision: D
     weights = arch.params() * b + (trainable * b if trainable != arch.params() else 0)
     weights = 0 if (zero == 3 and setup.offload_params) else weights / (world if zero == 3 else 1)
     grads = trainable * b / (world if zero >= 2 else 1)
-    optim = trainable * (8 + (0 if precision == DType.fp32 else 4))
+    own_buffers = precision == DType.bf16 and zero == 0  # rlhf.optim keeps fp32 gradients between steps
+    optim = trainable * (8 + (0 if precision == DType.fp32 else 4) + (4 if own_buffers else 0))
     optim = 0 if setup.offload_optimizer else optim / (world if zero >= 1 else 1)
     return {"weights": weights, "grads": grads, "optim": optim}
 

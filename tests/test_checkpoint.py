@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import checkpoint
+from rlhf import checkpoint, dist
 from rlhf.config import compose
 from rlhf.guard import NonFiniteError
+from rlhf.optim import MasterWeightAdamW
 from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
 
@@ -79,6 +80,25 @@ def test_a_checkpoint_restores_weights_optimizer_loop_state_and_rng(trained, tmp
     assert torch.equal(torch.get_rng_state(), rng["torch"])
 
 
+def test_bf16_training_checkpoints_and_saves_its_fp32_masters(tmp_path: Path, dist_process_group) -> None:
+    overrides = [*SFT, "stage.max_steps=2", "hardware.precision=bf16"]
+    first = sft_trainer(tmp_path / "a", overrides)
+    first.train()
+    second = sft_trainer(tmp_path / "b", overrides)
+    second.checkpoints.load(checkpoint.latest(checkpoint.stage_folder(tmp_path / "a", "sft")))
+    masters_a, masters_b = first.engine.optimizer, second.engine.optimizer
+    assert isinstance(masters_b, MasterWeightAdamW) and next(second.engine.module.parameters()).dtype == torch.bfloat16
+    for a, b in zip(masters_a.masters, masters_b.masters, strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+    assert any(not torch.equal(m.bfloat16().float(), m) for m in masters_b.masters)  # bits that bf16 drops
+    for a, b in zip(first.engine.module.parameters(), second.engine.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+    saved = dist.full_state_dict(first.engine, 0)
+    names = {id(p): n for n, p in first.engine.module.named_parameters()}
+    for param, master in zip(masters_a.model_params, masters_a.masters, strict=True):
+        assert torch.equal(saved[names[id(param)]], master)  # the final model is saved from the masters
+
+
 def test_a_truncated_checkpoint_is_skipped_for_the_one_before(trained, tmp_path: Path, caplog) -> None:
     _, run_dir = trained
     folder = tmp_path / "checkpoints"
@@ -114,9 +134,12 @@ def nan_loss_at(trainer: SFTTrainer, steps: set[int]) -> None:
     trainer.engine.module.register_forward_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("zero", [0, 2])
-def test_a_non_finite_loss_skips_the_step_and_is_counted(zero: int, tmp_path: Path, dist_process_group) -> None:
-    trainer = sft_trainer(tmp_path, [*SFT, f"hardware.zero_stage={zero}", "stage.checkpoint_interval=0"])
+@pytest.mark.parametrize(("zero", "precision"), [(0, "fp32"), (2, "fp32"), (0, "bf16")])
+def test_a_non_finite_loss_skips_the_step_and_is_counted(
+    zero: int, precision: str, tmp_path: Path, dist_process_group
+) -> None:
+    overrides = [f"hardware.zero_stage={zero}", f"hardware.precision={precision}", "stage.checkpoint_interval=0"]
+    trainer = sft_trainer(tmp_path, [*SFT, *overrides])
     nan_loss_at(trainer, {1})
     weights = []
     original_step = trainer.guard.end_step

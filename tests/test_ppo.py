@@ -227,7 +227,7 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     fp32, bf16 = trainers["fp32"], trainers["bf16"]
     actor16 = bf16.engine.actor
     assert next(actor16.module.parameters()).dtype == torch.bfloat16
-    assert all(p.dtype == torch.float32 for group in actor16.optimizer.fp32_groups for p in group)  # fp32 masters
+    assert all(m.dtype == torch.float32 for m in actor16.optimizer.masters)  # fp32 masters
 
     torch.manual_seed(0)
     exp = fp32.generate_experience(bench.bench_prompts(fp32.tokenizer, 8, 64))
@@ -238,10 +238,9 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     assert (lp16 - lp32).abs().mean() < 0.01 * lp32.abs().mean()  # bf16 forward ~ fp32 forward
 
     names = {id(p): n for n, p in actor16.module.named_parameters()}
+    optimizer = actor16.optimizer
     masters = {
-        names[id(p)]: master
-        for half, full in zip(actor16.optimizer.fp16_groups, actor16.optimizer.fp32_groups, strict=True)
-        for p, master in zip(half, full, strict=True)
+        names[id(p)]: master for p, master in zip(optimizer.model_params, optimizer.masters, strict=True)
     }  # the fp32 copy the bf16 optimizer steps, by parameter name
     params32 = dict(fp32.engine.actor.module.named_parameters())
     before32 = {n: params32[n].detach().clone() for n in masters}
