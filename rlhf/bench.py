@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="rlhf-bench",
         description="PPO step 3 on the fixed benchmark workload (see ../shared/bench): throughput, time split, MFU "
         "per phase and peak memory, as JSON, a markdown table and a W&B run. Other arguments are config overrides, "
-        "e.g. hardware.precision=bf16 or stage.rollout=engine.",
+        "e.g. hardware.precision=bf16 or stage.rollout=generate.",
     )
     parser.add_argument("--iterations", type=int, default=4, help="timed PPO iterations (default 4)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
