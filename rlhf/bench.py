@@ -7,9 +7,10 @@ more and reports samples/s, generated and training tokens/s, the time split (gen
 training), each phase's model FLOP utilisation (MFU) against the measured matmul peak of the run's dtype, and peak
 memory, as JSON, a markdown table and a W&B run.
 
-FLOPs are the work a phase needs, counted from the model's shape: 2 per weight per token for every matmul, the
-attention products (QK^T and AV over the full context), and the LM head only where its logits are used (the last
-prompt position in generation, the response positions elsewhere); backward counts twice the forward.
+FLOPs are the work a phase computes, counted from the model's shape and each iteration's widths: 2 per weight per
+token for every matmul, the attention products (QK^T and AV over the full context), and the LM head only where its
+logits are used (the last prompt position in generation, the response positions elsewhere); one actor pass fewer
+in the experience phase when the rollout's log-probs are reused; backward counts twice the forward.
 """
 
 from __future__ import annotations

@@ -93,9 +93,10 @@ def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
     own = engine.optimizer if isinstance(engine.optimizer, MasterWeightAdamW) else None
     state: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():
-        value = safe_get_full_fp32_param(param) if masters and param.requires_grad else None
         if own is not None:
             value = own.master_of(param)
+        else:
+            value = safe_get_full_fp32_param(param) if masters and param.requires_grad else None
         if value is None:
             gathered = (
                 deepspeed.zero.GatheredParameters([param], modifier_rank=None) if zero_stage == 3 else nullcontext()

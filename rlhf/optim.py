@@ -31,14 +31,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
         super().__init__(master_groups, fused=True, **adamw)
         self.masters = [m for group in self.param_groups for m in group["params"]]
         self.max_grad_norm = max_grad_norm
-        self.last_grad_norm = 0.0
+        self._master_by_param = {id(p): m for p, m in zip(self.model_params, self.masters, strict=True)}
 
     def master_of(self, param: torch.Tensor) -> torch.Tensor | None:
         """The fp32 master of a model parameter (None if this optimizer does not train it)."""
-        for model_param, master in zip(self.model_params, self.masters, strict=True):
-            if model_param is param:
-                return master
-        return None
+        return self._master_by_param.get(id(param))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -55,8 +52,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
             master.grad = buffer
         torch._foreach_copy_([b for _, _, b in pairs], [p.grad for p, _, _ in pairs])
         if self.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_([m for _, m, _ in pairs], self.max_grad_norm, foreach=True)
-            self.last_grad_norm = float(norm)
+            torch.nn.utils.clip_grad_norm_([m for _, m, _ in pairs], self.max_grad_norm, foreach=True)
         super().step(closure)
         torch._foreach_copy_([p.data for p, _, _ in pairs], [m for _, m, _ in pairs])
         return None
