@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf.config import CONF_DIR, ConfigError, register_configs, validate
+from rlhf.config import CONF_DIR, ConfigError, prepare, register_configs, validate
 
 log = logging.getLogger("rlhf")
 
@@ -21,6 +21,9 @@ register_configs()
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Validate the composed config, then run the chosen stage in this process or in launched workers."""
+    note = prepare(cfg)
+    if note:
+        log.info("%s", note)
     try:
         validate(cfg)
     except ConfigError as err:

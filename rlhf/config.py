@@ -39,6 +39,15 @@ class DType(str, Enum):
     fp16 = "fp16"
 
 
+class Precision(str, Enum):
+    """hardware.precision: a dtype, or auto (bf16 where the device computes it natively, else fp32)."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Accelerator(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
@@ -102,7 +111,7 @@ class HardwareConfig:
     nodes: int = 1
     procs_per_node: int = 1
     hostfile: str = ""  # DeepSpeed hostfile, needed when nodes > 1
-    precision: DType = DType.fp32
+    precision: Precision = Precision.auto  # resolved to a dtype when the run starts (see resolve_precision)
     zero_stage: int = 0
     offload_params: bool = False  # ZeRO-3 parameter offload to CPU memory
     micro_batch: int = 4
@@ -111,6 +120,21 @@ class HardwareConfig:
     peak_tflops: float = 0.1  # one device's matmul peak at `precision` (dry-run time estimates)
     expected_mfu: float = 0.4  # the share of that peak a stage is expected to reach
     threads_per_proc: int = 0  # 0: the machine's cores shared evenly between local processes
+
+
+@dataclass
+class StageOptimizerConfig:
+    """One stage's own optimizer settings over the `optimizer` group's (unset: the group's value), e.g.
+    stage.reward.optimizer.lr=3e-5 or stage.ppo.optimizer.schedule=constant in the pipeline."""
+
+    lr: Optional[float] = None  # noqa: UP045 (OmegaConf 2.3 needs typing.Optional)
+    lora_lr: Optional[float] = None  # noqa: UP045
+    actor_lr: Optional[float] = None  # noqa: UP045
+    critic_lr: Optional[float] = None  # noqa: UP045
+    weight_decay: Optional[float] = None  # noqa: UP045
+    schedule: Optional[Schedule] = None  # noqa: UP045
+    warmup_steps: Optional[int] = None  # noqa: UP045
+    min_lr_ratio: Optional[float] = None  # noqa: UP045
 
 
 @dataclass
@@ -125,6 +149,24 @@ class SFTStageConfig:
     log_interval: int = 1
     grad_clip: float = 1.0
     init_from: str = ""  # a model directory to start from instead of the `model` option
+    optimizer: StageOptimizerConfig = field(default_factory=StageOptimizerConfig)
+
+
+@dataclass
+class OnPolicyConfig:
+    """Reward pairs from the policy's own answers, graded by the built-in gold scorer (InstructGPT's recipe): the
+    policy answers each built-in prompt `samples_per_prompt` times, and a right and a wrong answer make a pair (see
+    rlhf.data.onpolicy). Prompts of other sources keep their static pairs."""
+
+    samples_per_prompt: int = 0  # 0: off, static pairs only
+    train_prompts: int = 512  # reward-share training prompts the policy answers (0: all)
+    eval_prompts: int = 200  # held-out reward-share prompts it answers for the evaluation pairs (0: all)
+    pairs_per_prompt: int = 4  # at most, from one prompt's answers
+    static_fraction: float = 0.0  # share of the training pairs taken from the static pairs (1: static only, the
+    # held-out pairs still the policy's, so reward models trained either way are compared on the pairs PPO will rank)
+    temperature: float = 1.0
+    max_new_tokens: int = 64
+    batch: int = 16  # prompts answered together
 
 
 @dataclass
@@ -135,11 +177,17 @@ class RewardStageConfig:
     global_batch: int = 16  # preference pairs per optimizer step
     eval_interval: int = 50
     checkpoint_interval: int = 0  # optimizer steps between checkpoints (0: only at the end and when stopped)
-    eval_max_batches: int = 32  # micro-batches of pairs per rank per evaluation
+    eval_pairs: int = 400  # held-out pairs per evaluation (0: all); a tie counts as wrong
+    eval_start: bool = True  # evaluate the untrained head too (a chance-level baseline)
     log_interval: int = 1
     grad_clip: float = 1.0
     init_from: str = ""  # a model directory (e.g. an SFT output) for the backbone instead of the `reward_model` option
+    policy_from: str = ""  # the policy PPO will train (a pipeline hands over the SFT output; empty: the `model` option)
+    from_policy: bool = False  # start the backbone from the policy's weights (unless init_from names a folder)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     margin: float = 0.0  # the loss is -logsigmoid(r_chosen - r_rejected - margin)
+    disable_dropout: bool = True  # dropout off in the reward model, as DeepSpeed-Chat and TRL train it
+    optimizer: StageOptimizerConfig = field(default_factory=StageOptimizerConfig)
 
 
 @dataclass
@@ -149,7 +197,6 @@ class PPOStageConfig:
     max_steps: int = -1  # PPO iterations (generate, then learn); -1 runs the full epochs
     global_batch: int = 16  # prompts per iteration, over all ranks
     eval_interval: int = 50  # iterations between gold-score evaluations (also before the first and at the end)
-    eval_prompts: int = 32  # held-out prompts scored greedily by the gold scorer (built-in data)
     checkpoint_interval: int = 0  # iterations between checkpoints (0: only at the end and when stopped)
     log_interval: int = 1
     grad_clip: float = 1.0
@@ -185,6 +232,8 @@ class PPOStageConfig:
     ema_beta: float = 0.0  # > 0: an EMA of the actor, updated each iteration (e.g. 0.9), saved beside it
     ptx_coef: float = 0.0  # > 0 with data.ptx: a language-model loss on pre-training text mixed into the actor's
     sample_table_interval: int = 10  # iterations between W&B tables of sample prompts and responses
+    disable_dropout: bool = True  # dropout off in all four models: old and new log-probs then match at the start
+    optimizer: StageOptimizerConfig = field(default_factory=StageOptimizerConfig)
 
 
 PIPELINE_ORDER = ("sft", "reward", "ppo")
@@ -257,6 +306,18 @@ class LoggerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The gold score: held-out built-in prompts answered greedily at each stage's start and end (SFT: the base model
+    and the SFT model; PPO: its actor before and after), the same prompts at every stage so results pair up."""
+
+    gold_prompts: int = 300  # 0: no gold evaluation
+    gold_split: str = "test"  # test: the prompts results are reported on; validation: for choosing settings
+    kl_prompts: int = 64  # PPO: the first of them whose answers' KL to the reference is computed (full vocabulary)
+    max_new_tokens: int = 64
+    batch: int = 32  # prompts answered together
+
+
+@dataclass
 class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept per stage; older ones are deleted after a newer one is written
     max_skipped_in_a_row: int = 3  # steps skipped for a non-finite loss or reward before the run stops
@@ -277,6 +338,7 @@ class RLHFConfig:
     dry_run: bool = False  # print the plan (memory per device, tokens, time, cost) and exit without loading weights
     resume: str = ""  # auto: continue the run in its run directory (hydra.run.dir); or the run directory to continue
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 STAGE_SCHEMAS: dict[str, type] = {
@@ -319,11 +381,63 @@ def grad_accum_steps(cfg: DictConfig) -> int:
 
 
 def stage_config(cfg: DictConfig, name: str) -> DictConfig:
-    """The config of one stage of a pipeline run: a copy of `cfg` whose `stage` is `stage.<name>`."""
+    """The config of one stage of a pipeline run: a copy of `cfg` whose `stage` is `stage.<name>`, with that
+    stage's own optimizer settings applied."""
     sub = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "stage"])
     OmegaConf.set_struct(sub, False)
     sub.stage = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[name]), cfg.stage[name])
+    apply_stage_optimizer(sub)
     return sub
+
+
+def apply_stage_optimizer(cfg: DictConfig) -> None:
+    """Copy the stage's own optimizer settings (`stage.optimizer.*` that are set) over the `optimizer` group's."""
+    own = cfg.stage.get("optimizer")
+    for key, value in (own or {}).items():
+        if value is not None:
+            cfg.optimizer[key] = value
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
+
+
+def native_bf16(accelerator: Accelerator, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[bool, str]:
+    """Whether the device computes bf16 natively (an NVIDIA GPU from Ampere on; a CPU with AVX-512 BF16 or AMX),
+    and why. Without those instructions bf16 matrix products are emulated, many times slower than fp32."""
+    if accelerator == Accelerator.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            return True, "CUDA is not visible here; bf16 assumed for the GPU"
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"{torch.cuda.get_device_name()} {'computes' if ok else 'does not compute'} bf16 natively"
+    try:
+        flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return False, "the CPU's instruction sets are unknown (no /proc/cpuinfo flags)"
+    found = [flag for flag in CPU_BF16_FLAGS if flag in flags]
+    if found:
+        return True, f"the CPU has {' and '.join(found)}"
+    return False, "the CPU has neither AVX-512 BF16 nor AMX (bf16 would be emulated)"
+
+
+def resolve_precision(cfg: DictConfig) -> str | None:
+    """Replace hardware.precision=auto by bf16 where the device computes it natively, else fp32; return what was
+    decided and why (None when the precision was given)."""
+    if cfg.hardware.precision != Precision.auto:
+        return None
+    native, why = native_bf16(cfg.hardware.accelerator)
+    cfg.hardware.precision = Precision.bf16 if native else Precision.fp32
+    return f"hardware.precision=auto -> {cfg.hardware.precision.value}: {why}"
+
+
+def prepare(cfg: DictConfig) -> str | None:
+    """What every run does to a composed config before validating it: resolve the precision and apply a single
+    stage's own optimizer settings (a pipeline applies each stage's in `stage_config`). Returns the precision note."""
+    note = resolve_precision(cfg)
+    if cfg.stage.name != "pipeline":
+        apply_stage_optimizer(cfg)
+    return note
 
 
 def validate(cfg: DictConfig) -> None:
@@ -345,7 +459,7 @@ def validate(cfg: DictConfig) -> None:
     need(hw.peak_tflops > 0, f"hardware.peak_tflops={hw.peak_tflops} must be > 0")
     need(0 < hw.expected_mfu <= 1, f"hardware.expected_mfu={hw.expected_mfu} must be in (0, 1]")
     need(
-        not (hw.accelerator == Accelerator.cpu and hw.precision == DType.fp16),
+        not (hw.accelerator == Accelerator.cpu and hw.precision == Precision.fp16),
         "hardware.precision=fp16 is not supported with hardware.accelerator=cpu; use bf16 or fp32",
     )
     need(
@@ -558,5 +672,6 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    prepare(cfg)
     validate(cfg)
     return cfg

@@ -25,7 +25,8 @@ def packed_linear(weight: torch.Tensor, rows: int) -> Linear:
     """`x -> x @ weight.T`. On CPU the weight is reordered once for oneDNN (the layout its product kernels use,
     tuned for `rows` rows), instead of at every call; elsewhere a plain `F.linear`."""
     weight = weight.detach()
-    if weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and _mkldnn_linear():
+    packable = weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and _mkldnn_bf16())
+    if weight.device.type == "cpu" and packable and _mkldnn_linear():
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return lambda x: F.linear(x, weight)
@@ -33,6 +34,11 @@ def packed_linear(weight: torch.Tensor, rows: int) -> Linear:
 
 def _mkldnn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _mkldnn_bf16() -> bool:
+    """oneDNN packs bf16 weights only on CPUs with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def unsupported(model: torch.nn.Module) -> str | None:
@@ -55,7 +61,7 @@ def _weight(module: torch.nn.Module) -> torch.Tensor:
     """A Linear's weight, or a LoRA-wrapped one's base weight once the update is merged into it."""
     if isinstance(module, models.LoRALinear):
         if not module.merged:
-            raise ValueError("the decoder needs LoRA merged into the base weights (see stages.ppo.merged_lora)")
+            raise ValueError("the decoder needs LoRA merged into the base weights (see models.merged_lora)")
         return module.base.weight
     return module.weight
 

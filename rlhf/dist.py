@@ -24,6 +24,21 @@ def world_size() -> int:
     return torch_dist.get_world_size() if is_initialized() else 1
 
 
+def rank_seed(seed: int) -> int:
+    """This rank's sampling seed: ranks draw different responses for the same prompt (one seed for all would give
+    every rank the same draws), and a run with the same seed draws the same ones again."""
+    return seed + 1_000_003 * rank()
+
+
+def all_gather_objects(value: object) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    if not is_initialized() or world_size() == 1:
+        return [value]
+    gathered = [None] * world_size()
+    torch_dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()
@@ -75,6 +90,15 @@ def _all_reduce(values: list[float], op) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     torch_dist.all_reduce(tensor, op=op)
     return tensor.tolist()
+
+
+def gather_objects(value: object) -> list | None:
+    """Every rank's `value`, in rank order, on rank 0 (None on the others); every rank must call it."""
+    if not is_initialized() or world_size() == 1:
+        return [value]
+    gathered = [None] * world_size() if rank() == 0 else None
+    torch_dist.gather_object(value, gathered, dst=0)
+    return gathered
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:

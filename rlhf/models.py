@@ -190,6 +190,26 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
 
 
+@contextmanager
+def merged_lora(model: torch.nn.Module) -> Iterator[None]:
+    """Fold each LoRA update into its base weight for the duration (generation then runs plain Linears) and put
+    the original weights back afterwards."""
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    saved = []
+    with torch.no_grad():
+        for m in wrapped:
+            saved.append(m.base.weight.data.clone())
+            m.base.weight.data += (m.lora_b @ m.lora_a).to(m.base.weight.dtype) * m.scaling
+            m.merged = True
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, weight in zip(wrapped, saved, strict=True):
+                m.base.weight.data.copy_(weight)
+                m.merged = False
+
+
 def apply_lora(model: nn.Module, lora_cfg: DictConfig) -> int:
     """Wrap every Linear whose name contains a target substring; return how many were wrapped."""
     if lora_cfg.dim <= 0:
@@ -286,11 +306,21 @@ class RewardModel(nn.Module):
         self.score = nn.Linear(width, 1, bias=False)
         nn.init.normal_(self.score.weight, std=1.0 / (width + 1))
 
+        # the head's output is (raw - shift) / scale (set when the model is built, not saved): a critic started from
+        # a reward model predicts scores on the scale PPO normalises them to (normalize_output); else the identity
+        self.output_shift, self.output_scale = 0.0, 1.0
+
+    def normalize_output(self, mean: float, std: float) -> None:
+        """Make every output (raw - mean) / std, as PPO normalises the reward model's scores, so a critic started
+        from the reward model starts on the rewards' scale."""
+        self.output_shift, self.output_scale = float(mean), max(float(std), 1e-8)
+
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[batch, seq] value of each position."""
         kwargs = {"position_ids": position_ids(attention_mask)} if "position_ids" in _forward_args(self.model) else {}
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        return self.score(hidden).squeeze(-1).float()
+        raw = self.score(hidden).squeeze(-1).float()
+        return (raw - self.output_shift) / self.output_scale
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, per_token: bool = False) -> torch.Tensor:
         """[batch] score of each sequence at its last real token, or with `per_token` the [batch, seq] values."""
@@ -316,6 +346,39 @@ def prepare_for_training(model: nn.Module, model_cfg: DictConfig) -> int:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         backbone.config.use_cache = False  # generation asks for the KV cache explicitly
     return wrapped
+
+
+DROPOUT_ATTRIBUTES = (
+    "dropout", "attention_dropout", "activation_dropout", "hidden_dropout", "resid_dropout", "layerdrop",
+)  # fmt: skip
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Switch every dropout off: `nn.Dropout` modules, the rates models keep as attributes for functional dropout
+    (llama's attention_dropout, OPT's dropout and layerdrop) and the config's. PPO's ratio of new to old log-probs
+    must be 1 before the first update, and a reward model should score the same text the same way; DeepSpeed-Chat
+    and TRL turn dropout off in the reward and RL stages. Returns how many modules or attributes were changed."""
+    changed = 0
+    configs = []
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            changed += module.p > 0
+            module.p = 0.0
+            continue
+        for name in DROPOUT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+        config = getattr(module, "config", None)
+        if config is not None and all(config is not c for c in configs):
+            configs.append(config)
+    for config in configs:
+        for name in (*DROPOUT_ATTRIBUTES, "attention_probs_dropout_prob", "hidden_dropout_prob", "embd_pdrop"):
+            value = getattr(config, name, None)
+            if isinstance(value, float) and value > 0:
+                setattr(config, name, 0.0)
+    return changed
 
 
 def reward_model_from_lm(lm: nn.Module) -> RewardModel:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from rlhf import gold
 from rlhf.config import save_resolved, stage_config
 from rlhf.progress import format_seconds, markdown_table
 
 log = logging.getLogger("rlhf")
 
 RESULT_KEYS = {  # the quality figures a stage's row shows, start -> end
-    "sft": [("eval_loss_start", "eval_loss", "eval loss")],
+    "sft": [("eval_loss_start", "eval_loss", "eval loss"), ("gold_score_start", "gold_score", "gold")],
     "reward": [("eval_acc_start", "eval_acc", "held-out acc")],
     "ppo": [
         ("reward_first", "reward_last", "train reward"),
@@ -27,7 +28,11 @@ RESULT_KEYS = {  # the quality figures a stage's row shows, start -> end
 
 
 def hand_over(sub: DictConfig, outputs: dict[str, str]) -> None:
-    """Point a stage at the outputs of the stages before it, unless the config names its own inputs."""
+    """Point a stage at the outputs of the stages before it, unless the config names its own inputs: the SFT output
+    is the policy the reward stage samples (and, with `from_policy`, starts from); PPO's actor and reward model are
+    the SFT and reward outputs."""
+    if sub.stage.name == "reward" and "sft" in outputs and not sub.stage.policy_from:
+        sub.stage.policy_from = outputs["sft"]
     if sub.stage.name == "ppo":
         if not sub.stage.init_from and "sft" in outputs:
             sub.stage.init_from = outputs["sft"]
@@ -36,11 +41,72 @@ def hand_over(sub: DictConfig, outputs: dict[str, str]) -> None:
 
 
 def result_text(summary: dict) -> str:
+    """A stage's result in one cell: each figure start -> end; the gold change with its paired 95% interval, the
+    reward model's accuracy with its interval and the PPO actor's KL to the reference."""
     parts = []
     for start, end, label in RESULT_KEYS.get(summary["stage"], []):
         if end in summary:
             parts.append(f"{label} {summary.get(start, float('nan')):.3g} -> {summary[end]:.3g}")
+    if "gold_delta" in summary:
+        parts.append(
+            f"gold {summary['gold_delta'] * 100:+.1f} pts [{summary['gold_delta_low'] * 100:+.1f}, "
+            f"{summary['gold_delta_high'] * 100:+.1f}] (n={summary['gold_n']})"
+        )
+    if "eval_acc_ci_low" in summary:
+        parts.append(
+            f"acc 95% [{summary['eval_acc_ci_low']:.3g}, {summary['eval_acc_ci_high']:.3g}] on "
+            f"{summary['eval_pairs']:.0f} pairs"
+        )
+        if "eval_acc_policy" in summary:
+            parts.append(f"on the policy's right/wrong pairs {summary['eval_acc_policy']:.3g}")
+    if summary["stage"] == "ppo" and "kl" in summary:
+        parts.append(f"KL {summary['kl']:.3g} nats (held-out), {summary.get('kl_last', float('nan')):.3g} (rollouts)")
     return ", ".join(parts)
+
+
+def gold_evaluations(run_dir: Path, names: list[str]) -> dict[str, gold.GoldRecord]:
+    """The held-out gold evaluations of a pipeline's stages, by model: base (SFT's start), sft, ppo (PPO's start is
+    the SFT model again and is left out when it answered alike)."""
+    labels = {("sft", "start"): "base", ("sft", "end"): "sft", ("ppo", "start"): "ppo start", ("ppo", "end"): "ppo"}
+    found: dict[str, gold.GoldRecord] = {}
+    for name in names:
+        for when, record in gold.load(run_dir / name).items():
+            label = labels.get((name, when))
+            if label == "ppo start" and "sft" in found and found["sft"].correct == record.correct:
+                continue
+            if label:
+                found[label] = record
+    return found
+
+
+def gold_changes(evaluations: dict[str, gold.GoldRecord]) -> dict[str, dict]:
+    """Every paired change between the evaluations (base -> sft, sft -> ppo, base -> ppo, ...)."""
+    order = list(evaluations)
+    changes = {}
+    for i, before in enumerate(order):
+        for after in order[i + 1 :]:
+            if evaluations[before].prompts == evaluations[after].prompts:
+                change = gold.compare(evaluations[before], evaluations[after])
+                changes[f"{before} -> {after}"] = {
+                    "diff": change.diff.value,
+                    "low": change.diff.low,
+                    "high": change.diff.high,
+                    "p_value": change.p_value,
+                    "gained": change.gained,
+                    "lost": change.lost,
+                    "n": change.n,
+                    "text": change.text(),
+                }
+    return changes
+
+
+def gold_report(evaluations: dict[str, gold.GoldRecord], changes: dict[str, dict]) -> str:
+    """The gold score of every stage's model per task family, and the paired changes, as text."""
+    if not evaluations:
+        return ""
+    lines = ["held-out gold score (greedy answers; 95% intervals):", markdown_table(gold.family_table(evaluations))]
+    lines += [f"{pair}: {change['text']}" for pair, change in changes.items()]
+    return "\n".join(lines)
 
 
 def pipeline_table(summaries: list[dict]) -> list[dict[str, object]]:
@@ -104,13 +170,18 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> int:
         outputs[name] = summary["output"]
         summaries.append(summary)
     table = markdown_table(pipeline_table(summaries))
+    evaluations = gold_evaluations(run_dir, names)
+    changes = gold_changes(evaluations)
+    report = gold_report(evaluations, changes)
     final = summaries[-1]
-    (run_dir / "pipeline.md").write_text(f"{table}\n\nfinal model: {final['output']}\n")
-    (run_dir / "pipeline.json").write_text(json.dumps({"stages": summaries, "outputs": outputs}, indent=2))
+    (run_dir / "pipeline.md").write_text(f"{table}\n\n{report}\n\nfinal model: {final['output']}\n")
+    record = {"stages": summaries, "outputs": outputs, "gold": {k: r._asdict() for k, r in evaluations.items()}}
+    (run_dir / "pipeline.json").write_text(json.dumps(record | {"gold_changes": changes}, indent=2))
     log.info(
-        "pipeline done in %s\n%s\nfinal model: %s\n%s",
+        "pipeline done in %s\n%s\n\n%s\nfinal model: %s\n%s",
         format_seconds(time.perf_counter() - started),
         table,
+        report,
         final["output"],
         next_step_hint(final),
     )

@@ -28,8 +28,9 @@ class StepLog:
 
     def step(self, step: int, metrics: dict[str, float], tokens_per_s: float, step_s: float) -> None:
         """Record the end of 1-based optimizer step `step`."""
-        if self.first_step is None:
+        if self.first_step is None:  # the clock starts with this step, not with the evaluation before it
             self.first_step = step - 1
+            self.started = time.perf_counter() - step_s
         if not self.enabled or (step % self.interval and step != self.total):
             return
         done = step - self.first_step

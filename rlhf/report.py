@@ -1,5 +1,6 @@
-"""`rlhf-report`: compare runs from their stage summaries: a markdown table, a CSV and PNG plots of time and
-throughput against model size and world size.
+"""`rlhf-report`: compare runs from their stage summaries: a markdown table, a CSV, PNG plots of time and
+throughput against model size and world size, and of what each run learned (gold change and reward-model accuracy
+with their 95% intervals), with the settings that differ between the runs.
 
     rlhf-report outputs/multirun/<date>/<time>-scaling-cpu            a sweep (every job under it)
     rlhf-report outputs/<run-a> outputs/<run-b> --out reports/ab      any runs, side by side
@@ -29,9 +30,18 @@ COLUMNS = [
     "est_cost_usd",
     "eval_loss",
     "eval_acc",
+    "eval_acc_ci_low",
+    "eval_acc_ci_high",
+    "eval_acc_policy",
     "reward_last",
     "kl_last",
+    "kl",
+    "gold_score_start",
     "gold_score",
+    "gold_delta",
+    "gold_delta_low",
+    "gold_delta_high",
+    "settings",
     "run",
 ]
 
@@ -49,7 +59,25 @@ def row_of(path: Path) -> dict[str, object]:
     row: dict[str, object] = {key: summary.get(key, "") for key in COLUMNS}
     row["params_m"] = summary.get("model_params_m") or ""
     row["run"] = str(path.parent.parent)
+    row["settings"] = overrides_of(path.parent.parent)
     return row
+
+
+def overrides_of(run: Path) -> list[str]:
+    """The command-line overrides a run was started with (Hydra's record of them)."""
+    record = run / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(item) for item in OmegaConf.load(record)]
+
+
+def varying_settings(rows: list[dict]) -> None:
+    """Keep in each row's `settings` only the overrides that differ between the runs (a sweep's axes)."""
+    common = set.intersection(*(set(row["settings"]) for row in rows)) if rows else set()
+    for row in rows:
+        row["settings"] = " ".join(o for o in row["settings"] if o not in common)
 
 
 def sort_key(row: dict) -> tuple:
@@ -95,17 +123,56 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def plot_learning(rows: list[dict], out: Path) -> list[Path]:
+    """What each run's stages gave, with 95% intervals: the gold change of SFT and PPO (paired, in points) and the
+    reward model's held-out accuracy; one bar per run and stage. Nothing when no run measured either."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("gold change (points, paired 95% interval)", [r for r in rows if r["gold_delta"] != ""], "gold_delta"),
+        ("reward model held-out accuracy (95% interval)", [r for r in rows if r["eval_acc_ci_low"] != ""], "eval_acc"),
+    ]
+    panels = [p for p in panels if p[1]]
+    if not panels:
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4 + 0.25 * max(len(p[1]) for p in panels)))
+    for ax, (title, chosen, key) in zip([axes] if len(panels) == 1 else axes, panels, strict=True):
+        scale = 100 if key == "gold_delta" else 1
+        low_key, high_key = (
+            (f"{key}_low", f"{key}_high") if key == "gold_delta" else ("eval_acc_ci_low", "eval_acc_ci_high")
+        )
+        labels = [f"{r['stage']} {r['settings'] or Path(str(r['run'])).name}"[:60] for r in chosen]
+        values = [float(r[key]) * scale for r in chosen]
+        errors = [
+            [v - float(r[low_key]) * scale for v, r in zip(values, chosen, strict=True)],
+            [float(r[high_key]) * scale - v for v, r in zip(values, chosen, strict=True)],
+        ]
+        ax.barh(range(len(chosen)), values, xerr=errors, capsize=3, color="tab:blue", alpha=0.7)
+        ax.set_yticks(range(len(chosen)), labels, fontsize=7)
+        ax.axvline(0 if key == "gold_delta" else 0.5, color="grey", linewidth=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(out / "learning.png", dpi=100)
+    plt.close(fig)
+    return [out / "learning.png"]
+
+
 def write_report(paths: list[Path], out: Path) -> list[dict]:
     """Read the runs under `paths` and write report.md, report.csv and the plots to `out`; return the rows."""
     rows = sorted((row_of(p) for p in find_summaries(paths)), key=sort_key)
     if not rows:
         raise FileNotFoundError(f"no stage summaries (<run>/<stage>/summary.json) under {', '.join(map(str, paths))}")
+    varying_settings(rows)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    pngs = plot(rows, out)
+    pngs = plot(rows, out) + plot_learning(rows, out)
     shown = [{k: v for k, v in row.items() if k != "run"} | {"run": Path(str(row["run"])).name} for row in rows]
     images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     (out / "report.md").write_text(f"# Runs compared\n\n{markdown_table(shown)}\n\n{images}\n")

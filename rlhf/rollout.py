@@ -8,18 +8,27 @@ the last position only, and return the log-probs of the sampled tokens so PPO ne
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import StaticCache
+from transformers import AutoModelForCausalLM, StaticCache
 
-from rlhf import decoder
+from rlhf import decoder, models
 
 
 @dataclass
 class Rollout:
     sequences: torch.Tensor  # [B, W + n] prompt + response ids, padded after each row's EOS
     logprobs: torch.Tensor | None  # [B, n] each sampled token's log-prob under logits / temperature (0 after EOS)
+
+
+def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for every response token up to and including the first EOS, 0 after it."""
+    is_eos = (responses == eos_id).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~after_eos).long()
 
 
 def sample_next(
@@ -88,19 +97,32 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     min_new_tokens: int = 0,
+    samples_per_prompt: int = 1,
 ) -> Rollout:
     """Sample responses to left-padded prompts: they stop at EOS (padded after it) or at `max_new_tokens`; EOS cannot
-    be sampled before `min_new_tokens`; `temperature=0` decodes greedily (log-probs then under the raw logits)."""
-    batch, width = input_ids.shape
+    be sampled before `min_new_tokens`; `temperature=0` decodes greedily (log-probs then under the raw logits).
+    With `samples_per_prompt` k each prompt gets k responses, rows i*k..i*k+k-1 of the result; on the lean decoder
+    the prompt is encoded once and its cache copied to its k rows."""
+    if samples_per_prompt > 1 and decoder.unsupported(model) is not None:  # no cache copy: encode each copy
+        input_ids = input_ids.repeat_interleave(samples_per_prompt, dim=0)
+        attention_mask = attention_mask.repeat_interleave(samples_per_prompt, dim=0)
+        samples_per_prompt = 1
+    prompts, width = input_ids.shape
     device = input_ids.device
     total = width + max_new_tokens
-    step_model = stepper(model, batch, total)
-    valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    step_model = stepper(model, prompts, total)
+    valid = torch.zeros(prompts, total, dtype=torch.bool, device=device)
     valid[:, :width] = attention_mask.bool()
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     eye = torch.eye(width, dtype=torch.bool, device=device)  # padding attends to itself
     positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
     logits = step_model.forward(input_ids, positions, 0, (valid[:, None, :width] & causal) | eye)
+    if samples_per_prompt > 1:
+        copies = torch.arange(prompts, device=device).repeat_interleave(samples_per_prompt)
+        step_model.keep(copies)
+        logits, valid, positions = logits[copies], valid[copies], positions[copies]
+        input_ids = input_ids[copies]
+    batch = len(input_ids)
     next_position = positions[:, -1] + 1
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
     logprobs = torch.zeros(batch, max_new_tokens, device=device)
@@ -130,3 +152,41 @@ def generate(
         position = (next_position + step)[:, None]
         logits = step_model.forward(token[:, None], position, column, valid[:, None, : column + 1])
     return Rollout(torch.cat([input_ids, tokens[:, :steps]], dim=1), logprobs[:, :steps])
+
+
+class GenerationModel:
+    """The model to generate with, from a training engine's module: in eval mode with LoRA folded into the base
+    weights. Under ZeRO-3 the parameters are gathered once per use and copied into a plain model without DeepSpeed's
+    hooks (which would release and gather them again at every decoding step), as DeepSpeed-Chat's hybrid engine does
+    on GPUs; it costs one full copy of the model per rank while generating. Restores the module's train/eval mode."""
+
+    def __init__(self, module: torch.nn.Module, zero_stage: int) -> None:
+        self.module, self.zero_stage = module, zero_stage
+        self._copy: torch.nn.Module | None = None  # the plain copy ZeRO-3 generation runs on
+
+    @contextmanager
+    def __call__(self) -> Iterator[torch.nn.Module]:
+        module, training = self.module, self.module.training
+        if self.zero_stage != 3:
+            with models.merged_lora(module):
+                module.eval()
+                try:
+                    yield module
+                finally:
+                    module.train(training)
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            state = models.merge_lora_state_dict(
+                {name: p.detach() for name, p in module.named_parameters()}, models.lora_scalings(module)
+            )
+            if self._copy is None:
+                dtype = next(module.parameters()).dtype
+                self._copy = AutoModelForCausalLM.from_config(module.config, dtype=dtype)
+            _, unexpected = self._copy.load_state_dict(state, strict=False)  # copies while gathered
+        if unexpected:
+            raise RuntimeError(f"the rollout copy of the model has no parameters named {unexpected[:3]}")
+        self._copy.tie_weights()
+        self._copy.eval()
+        yield self._copy

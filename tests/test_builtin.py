@@ -37,4 +37,6 @@ def test_gold_scorer_on_hand_written_answers() -> None:
     assert score("Write the word 'planet' backwards.", "The answer is tenalp.") == 1.0
     assert score("Write the word 'planet' backwards.", "The answer is planet.") == 0.0
     assert score("Tell me a joke.", "Why did the chicken cross the road?") == 0.0
-    assert 0.0 <= score("What is 1 + 1?", "") <= 1.0
+    assert score("What is 1 + 1?", "") == 0.0
+    assert score("What is 1 + 1?", "The answer is 2") == 1.0
+    assert score("What is 1 + 1?", "The answer is 2, or maybe 3.") == 0.0  # the last number after 'answer is'

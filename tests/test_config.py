@@ -107,7 +107,7 @@ def test_cli_prints_the_composed_config(tmp_path: Path) -> None:
     [
         (["model.dtyp=bf16"], "Key 'dtyp' not in 'ModelConfig'"),
         (["hardware.zero_stage=abc"], "could not be converted to Integer"),
-        (["hardware.precision=fp8"], "Invalid value 'fp8', expected one of [fp32, bf16, fp16]"),
+        (["hardware.precision=fp8"], "Invalid value 'fp8', expected one of [auto, fp32, bf16, fp16]"),
         (["model=no-such-model"], "Could not find 'model/no-such-model'"),
     ],
 )
@@ -129,3 +129,50 @@ def test_gpu_preset_without_gpus_stops_with_a_clear_message(tmp_path: Path) -> N
     result = run_cli(["experiment=opt-1.3b-1gpu"], tmp_path)
     assert result.returncode == 2
     assert "hardware=1xA100-80G needs CUDA GPUs and none is visible here" in result.stdout + result.stderr
+
+
+def test_each_pipeline_stage_gets_its_own_optimizer_settings(dist_process_group) -> None:
+    from rlhf.stages.reward import RewardTrainer
+    from rlhf.tracking import Tracker
+
+    cfg = compose(
+        [
+            "experiment=quickstart",
+            "logger=none",
+            "stage.reward.optimizer.lr=3e-5",
+            "stage.ppo.optimizer.schedule=constant",
+            "stage.ppo.optimizer.actor_lr=2e-6",
+        ]
+    )
+    sft, reward, ppo = (stage_config(cfg, name) for name in ("sft", "reward", "ppo"))
+    assert sft.optimizer.lr == cfg.optimizer.lr == 1e-3 and sft.optimizer.schedule == "cosine"
+    assert reward.optimizer.lr == 3e-5 and reward.optimizer.schedule == "cosine"
+    assert ppo.optimizer.schedule == "constant" and ppo.optimizer.actor_lr == 2e-6 and ppo.optimizer.lr == 1e-3
+    reward.stage.max_steps = 2
+    trainer = RewardTrainer(reward, Path("."), Tracker(reward, "reward", Path("."), rank=1))
+    trainer.setup()
+    assert trainer.engine.get_lr()[0] == pytest.approx(3e-5 / 2)  # the reward stage's LR, in its warmup (2 steps)
+
+
+def test_a_single_stage_applies_its_own_optimizer_settings() -> None:
+    cfg = compose(["experiment=tiny", "stage=reward", "stage.optimizer.lr=4e-4", "stage.optimizer.warmup_steps=0"])
+    assert cfg.optimizer.lr == 4e-4 and cfg.optimizer.warmup_steps == 0
+
+
+def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(tmp_path: Path) -> None:
+    from rlhf.config import Accelerator, native_bf16
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512 = tmp_path / "avx512"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16\n")
+    amx = tmp_path / "amx"
+    amx.write_text("flags\t\t: avx2 avx512f amx_tile amx_bf16\n")
+    assert native_bf16(Accelerator.cpu, avx2)[0] is False
+    assert native_bf16(Accelerator.cpu, avx512) == (True, "the CPU has avx512_bf16")
+    assert native_bf16(Accelerator.cpu, amx)[0] is True
+    assert native_bf16(Accelerator.cpu, tmp_path / "missing")[0] is False
+    expected = "bf16" if native_bf16(Accelerator.cpu)[0] else "fp32"
+    assert compose(["stage=sft"]).hardware.precision == expected  # resolved when the run is composed
+    assert compose(["stage=sft", "hardware.precision=fp32"]).hardware.precision == "fp32"
+    assert compose(["experiment=tiny", "stage=sft"]).hardware.precision == "fp32"  # tiny models pin fp32

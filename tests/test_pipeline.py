@@ -16,7 +16,7 @@ from rlhf.config import compose
 from rlhf.plan import dry_run, plan
 from tests.conftest import run_cli, single_run_dir, wandb_records
 
-SHORT = ["stage.sft.max_steps=12", "stage.reward.max_steps=12", "stage.ppo.max_steps=2", "stage.ppo.eval_prompts=8"]
+SHORT = ["stage.sft.max_steps=12", "stage.reward.max_steps=12", "stage.ppo.max_steps=2", "eval.gold_prompts=8"]
 
 
 def wandb_run_records(run_dir: Path) -> list[dict]:
@@ -53,6 +53,17 @@ def test_quickstart_pipeline_runs_three_stages_in_one_group(quickstart_run: Path
     for stage in ("sft", "reward", "ppo", "total"):
         assert f"| {stage} |" in table
     assert "samples_per_s" in table and "est_cost_usd" in table
+    # the held-out gold score at every stage, on the same prompts, with the paired changes between them
+    assert "held-out gold score" in table and "| all |" in table
+    assert set(pipeline["gold"]) == {"base", "sft", "ppo"}  # PPO's start is the SFT model: shown once
+    assert {"base -> sft", "sft -> ppo", "base -> ppo"} <= set(pipeline["gold_changes"])
+    change = pipeline["gold_changes"]["base -> ppo"]
+    assert change["n"] == 8 and change["low"] <= change["diff"] <= change["high"]
+    assert summaries["sft"]["gold_n_start"] == 8 and "gold_delta" in summaries["ppo"]
+    assert pipeline["gold"]["sft"] == json.loads((quickstart_run / "ppo" / "gold.json").read_text())["start"]
+    assert (
+        f"policy_from: {summaries['sft']['output']}" in (quickstart_run / "reward" / "config.resolved.yaml").read_text()
+    )
 
     runs = wandb_run_records(quickstart_run)
     assert sorted(r["job_type"] for r in runs) == ["ppo", "reward", "sft"]
@@ -101,7 +112,7 @@ def test_a_subset_of_stages_reuses_earlier_outputs(quickstart_run: Path, tmp_pat
             "experiment=quickstart",
             "stage.stages=[ppo]",
             "stage.ppo.max_steps=1",
-            "stage.ppo.eval_prompts=8",
+            "eval.gold_prompts=8",
             f"stage.ppo.init_from={quickstart_run / 'sft' / 'final'}",
             f"stage.ppo.reward_from={quickstart_run / 'reward' / 'final'}",
         ],

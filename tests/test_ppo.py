@@ -3,17 +3,22 @@ everything, LoRA trains only LoRA weights, and a ZeRO-3 actor runs on two proces
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from rlhf import models
-from rlhf.config import compose
+from rlhf import dist, models
+from rlhf.config import DType, compose
 from rlhf.data.tokenize import used_columns
+from rlhf.models import merged_lora
 from rlhf.ppo import functional as F
-from rlhf.stages.ppo import PPOTrainer, RLHFEngine, actor_logprobs, merged_lora, response_mask
+from rlhf.rollout import response_mask
+from rlhf.stages.ppo import PPOTrainer, RLHFEngine, actor_logprobs
 from rlhf.stages.reward import RewardTrainer
 from rlhf.tracking import Tracker
 from tests import test_rollout
@@ -60,7 +65,7 @@ def test_ppo_stage_logs_every_metric_and_saves_actor_and_ema(tmp_path: Path, tin
             *PPO_SMALL,
             "stage.max_steps=3",
             "stage.eval_interval=2",
-            "stage.eval_prompts=8",
+            "eval.gold_prompts=8",
             "stage.ema_beta=0.9",
             "stage.ptx_coef=0.5",
             f"data.ptx.path={corpus}",
@@ -137,7 +142,7 @@ def test_zero3_actor_on_two_processes(tmp_path: Path, tiny_reward: Path) -> None
             "hardware=cpu-2proc",
             "stage.actor_zero_stage=3",
             "stage.max_steps=2",
-            "stage.eval_prompts=4",
+            "eval.gold_prompts=4",
             f"stage.reward_from={tiny_reward}",
         ],
         tmp_path,
@@ -252,3 +257,105 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     step16 = torch.cat([(masters[n] - before16[n]).flatten() for n in masters])
     assert step16.abs().max() > 0
     assert torch.nn.functional.cosine_similarity(step32, step16, dim=0) > 0.98  # the same update, in bf16
+
+
+def dropout_model_folder(folder: Path, rate: float = 0.5) -> Path:
+    """A tiny llama with attention dropout, and a reward model folder on it, with the embedded tokenizer."""
+    cfg = compose(["experiment=tiny", "stage=ppo", "logger=none"])
+    tokenizer = models.load_tokenizer(cfg.model)
+    config = models.tiny_config(cfg.model, tokenizer)
+    config.attention_dropout = rate
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config)
+    lm.save_pretrained(folder / "lm")
+    tokenizer.save_pretrained(folder / "lm")
+    reward = models.reward_model_from_lm(lm)
+    models.save_reward_model(
+        reward, reward.state_dict(), tokenizer, folder / "reward", DType.fp32, {"mean": 0, "std": 1}
+    )
+    return folder
+
+
+def active_dropout(module: torch.nn.Module) -> list[str]:
+    """Where dropout would still act: Dropout modules with p > 0 and dropout rates kept as attributes."""
+    found = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    for name, m in module.named_modules():
+        found += [
+            f"{name}.{a}"
+            for a in models.DROPOUT_ATTRIBUTES
+            if isinstance(getattr(m, a, None), float) and getattr(m, a) > 0
+        ]
+    return found
+
+
+def test_no_dropout_is_active_in_any_of_the_four_ppo_models(tmp_path: Path, dist_process_group) -> None:
+    folder = dropout_model_folder(tmp_path)
+    assert active_dropout(AutoModelForCausalLM.from_pretrained(folder / "lm"))  # the model has dropout to disable
+    cfg = compose(
+        [
+            *PPO_SMALL,
+            "logger=none",
+            "stage.max_steps=1",
+            f"stage.init_from={folder / 'lm'}",
+            f"stage.reward_from={folder / 'reward'}",
+        ]
+    )
+    engine = RLHFEngine(cfg)
+    for model in (engine.actor.module, engine.reference.module, engine.critic.module, engine.reward.module):
+        assert active_dropout(model) == []
+    engine.train_mode()  # training mode: two forward passes agree, so old and new log-probs match at the start
+    ids = torch.randint(5, 500, (2, 12))
+    first, second = engine.actor(input_ids=ids).logits, engine.actor(input_ids=ids).logits
+    assert torch.equal(first, second)
+
+
+def test_the_critic_starts_on_the_scale_of_the_normalised_scores(tmp_path: Path, tiny_reward: Path) -> None:
+    folder = tmp_path / "reward"
+    shutil.copytree(tiny_reward, folder)
+    (folder / models.REWARD_STATS).write_text(json.dumps({"mean": 0.7, "std": 2.5}))
+    cfg = compose([*PPO_SMALL, "logger=none", "stage.max_steps=1", f"stage.reward_from={folder}"])
+    engine = RLHFEngine(cfg)
+    ids = torch.randint(5, 500, (3, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        raw = engine.reward(ids, mask)
+        critic = engine.critic(ids, mask)
+    torch.testing.assert_close(critic, (raw - 0.7) / 2.5, rtol=1e-4, atol=1e-5)  # what PPO's normalised score is
+
+
+def test_two_ranks_sample_different_responses_to_the_same_prompt(dist_process_group, monkeypatch) -> None:
+    cfg = compose([*PPO_SMALL, "logger=none", "stage.max_steps=1", "stage.temperature=1.5", "eval.gold_prompts=0"])
+    engine = RLHFEngine(cfg, reward_fn=lambda prompts, responses: [0.0] * len(responses))
+
+    def sample(rank: int) -> torch.Tensor:
+        monkeypatch.setattr(dist, "rank", lambda: rank)
+        trainer = PPOTrainer(cfg, engine=engine)  # sets up, seeding this rank's sampling
+        return trainer.generate_experience(trainer.prompts[:4]).sequences
+
+    rank0, rank1, rank0_again = sample(0), sample(1), sample(0)
+    assert torch.equal(rank0, rank0_again)  # reproducible per rank
+    assert not torch.equal(rank0, rank1)
+
+
+def test_ema_is_updated_after_every_actor_optimizer_step(dist_process_group) -> None:
+    cfg = compose(
+        [
+            *PPO_SMALL,
+            "logger=none",
+            "stage.max_steps=1",
+            "stage.ema_beta=0.5",
+            "stage.ppo_epochs=2",
+            "stage.mini_batches=2",
+            "hardware.micro_batch=4",
+            "eval.gold_prompts=0",
+        ]
+    )
+    engine = RLHFEngine(cfg, reward_fn=lambda prompts, responses: [float(len(r) % 3) for r in responses])
+    trainer = PPOTrainer(cfg, engine=engine)
+    before = {n: t.clone() for n, t in trainer.ema.items()}
+    for prompts in trainer.prompt_batches():
+        trainer.train_step(trainer.generate_experience(prompts))
+    assert trainer.ema_updates == 4 == engine.actor.global_steps  # 2 epochs x 2 mini-batches
+    actor = trainer._actor_state()
+    name = next(n for n in actor if "q_proj" in n)
+    assert not torch.equal(trainer.ema[name], before[name]) and not torch.equal(trainer.ema[name], actor[name])

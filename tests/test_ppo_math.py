@@ -131,3 +131,71 @@ def test_kl_controller() -> None:
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     adaptive.update(0.0, 100)
     assert adaptive.value < 0.1 * (1 + 0.2 * 0.1)
+
+
+def test_whitening_and_explained_variance_over_ranks_equal_those_of_the_whole_batch(batch) -> None:
+    x, mask = batch["adv"], batch["mask"]
+    halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]  # two ranks' shares of one global batch
+
+    def sum_over_ranks(rank: int):
+        other = halves[1 - rank]
+
+        def all_reduce(values: list[float]) -> list[float]:
+            theirs = [
+                other[1].sum().item(),
+                (other[0] * other[1]).sum().item(),
+                (other[0] ** 2 * other[1]).sum().item(),
+            ]
+            return [a + b for a, b in zip(values, theirs, strict=True)]
+
+        return all_reduce
+
+    whole = F.whiten(x, mask)
+    for rank, (part, part_mask) in enumerate(halves):
+        alone = F.whiten(part, part_mask)
+        shared = F.whiten(part, part_mask, all_reduce=sum_over_ranks(rank))
+        torch.testing.assert_close(shared, whole[:2] if rank == 0 else whole[2:], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(alone, shared)  # one rank's statistics are not the batch's
+    values = x + 0.3 * torch.randn_like(x)
+    returns = x
+    global_ev = F.explained_variance(values, returns, mask)
+    part_ev = F.explained_variance(values[:2], returns[:2], mask[:2], all_reduce=None)
+    assert part_ev != pytest.approx(global_ev)
+
+
+def test_logprobs_and_entropy_take_one_log_softmax_and_the_entropy_no_graph(monkeypatch) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 3))
+    calls = []
+    log_softmax = F.F.log_softmax
+    monkeypatch.setattr(F.F, "log_softmax", lambda *a, **k: calls.append(1) or log_softmax(*a, **k))
+    logprobs, entropy = F.logprobs_and_entropy(logits, labels)
+    assert len(calls) == 1
+    assert logprobs.requires_grad and not entropy.requires_grad
+    monkeypatch.undo()
+    torch.testing.assert_close(logprobs, F.logprobs_of(logits, labels))
+    torch.testing.assert_close(entropy, F.entropy_of(logits))
+
+
+def test_full_kl_is_the_kl_of_the_whole_distributions() -> None:
+    torch.manual_seed(0)
+    p, q = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Categorical(logits=p), torch.distributions.Categorical(logits=q)
+    )
+    torch.testing.assert_close(F.full_kl(p, q), expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(F.full_kl(p, q) > 0) and torch.allclose(F.full_kl(p, p), torch.zeros(2, 3), atol=1e-6)
+
+
+def test_ptx_blocks_never_repeat_across_ranks_epochs_and_iterations_before_the_corpus_is_used() -> None:
+    world, per_rank, micro, epochs, iterations = 2, 8, 4, 2, 3
+    n_blocks = world * per_rank * epochs * iterations
+    seen = []
+    for iteration in range(iterations):
+        for epoch in range(epochs):
+            for rank in range(world):
+                for row in range(0, per_rank, micro):
+                    seen += F.ptx_block_indices(iteration * epochs + epoch, rank, world, per_rank, row, micro, n_blocks)
+    assert sorted(seen) == list(range(n_blocks))
+    assert F.ptx_block_indices(iterations * epochs, 0, world, per_rank, 0, 2, n_blocks) == [0, 1]  # then it wraps

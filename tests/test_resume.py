@@ -86,11 +86,11 @@ PIPELINE = [
     "stage.sft.max_steps=4",
     "stage.sft.eval_max_batches=1",
     "stage.reward.max_steps=4",
-    "stage.reward.eval_max_batches=1",
+    "stage.reward.eval_pairs=4",
     "stage.ppo.max_steps=5",
     "stage.ppo.checkpoint_interval=2",
     "stage.ppo.eval_interval=5",
-    "stage.ppo.eval_prompts=8",
+    "eval.gold_prompts=8",
 ]
 
 

@@ -16,9 +16,10 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf import stages
 from rlhf.config import ArchConfig, ModelConfig, compose
+from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left, pad_right
 from rlhf.models import last_token_index, load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
-from rlhf.stages.reward import RewardTrainer, pairwise_loss
+from rlhf.stages.reward import RewardTrainer, pair_batch, pairwise_loss
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir
 from tests.test_sft import inspect_wandb, wandb_runs
@@ -178,7 +179,7 @@ def test_reward_from_an_sft_output_on_two_processes(tmp_path: Path) -> None:
             "stage=reward",
             "hardware=cpu-2proc",
             "stage.max_steps=4",
-            "stage.eval_max_batches=2",
+            "stage.eval_pairs=16",
             f"stage.init_from={sft_final}",
         ],
         tmp_path / "b",
@@ -186,3 +187,87 @@ def test_reward_from_an_sft_output_on_two_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = read_summary(single_run_dir(tmp_path / "b"), "reward")
     assert summary["world_size"] == 2 and summary["steps"] == 4
+
+
+def test_the_reward_model_trains_without_dropout(tmp_path: Path, dist_process_group) -> None:
+    from tests.test_ppo import active_dropout, dropout_model_folder
+
+    folder = dropout_model_folder(tmp_path / "models")
+    cfg = compose(
+        ["experiment=tiny", "stage=reward", "logger=none", "stage.max_steps=1", f"stage.init_from={folder / 'lm'}"]
+    )
+    trainer = RewardTrainer(cfg, tmp_path, Tracker(cfg, "reward", tmp_path))
+    trainer.setup()
+    assert active_dropout(trainer.engine.module) == []
+    batch = {k: v.to(trainer.engine.device) for k, v in trainer.micro_batches(0)[0].items()}
+    trainer.engine.train()
+    assert torch.equal(trainer.engine(**batch), trainer.engine(**batch))  # training mode scores the same text alike
+
+
+def test_score_statistics_come_from_the_policys_own_answers(tmp_path: Path, dist_process_group) -> None:
+    cfg = compose(["experiment=tiny", "stage=reward", "logger=none", "stage.max_steps=1"])
+    trainer = RewardTrainer(cfg, tmp_path, Tracker(cfg, "reward", tmp_path))
+    trainer.setup()
+    flags = [(True, True, "policy"), (False, True, "reference"), (True, False, "static")] * 4
+    pairs = trainer.eval_pairs[: len(flags)]
+    trainer.eval_pairs = [
+        p | {"policy_chosen": c, "policy_rejected": r, "kind": k} for p, (c, r, k) in zip(pairs, flags, strict=True)
+    ]
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        chosen, rejected = trainer._scores(pair_batch(trainer.eval_pairs, trainer.tokenizer.pad_token_id))
+    own = [c for c, (mine, _, _) in zip(chosen.tolist(), flags, strict=True) if mine]
+    own += [r for r, (_, mine, _) in zip(rejected.tolist(), flags, strict=True) if mine]
+    mean = sum(own) / len(own)
+    assert trainer.score_stats["answers"] == len(own) == 16
+    assert trainer.score_stats["mean"] == pytest.approx(mean, abs=1e-5)
+    assert trainer.score_stats["std"] == pytest.approx((sum((x - mean) ** 2 for x in own) / len(own)) ** 0.5, abs=1e-5)
+    right = (chosen > rejected).tolist()
+    assert metrics["reward/acc_policy"] == pytest.approx(sum(right[0::3]) / 4)
+    assert metrics["reward/acc"] == pytest.approx(sum(right) / 12)
+    assert metrics["reward/acc_ci_low"] <= metrics["reward/acc"] <= metrics["reward/acc_ci_high"]
+
+
+def test_onpolicy_pairs_come_from_the_policys_graded_answers_and_are_kept_for_a_resume(
+    tmp_path: Path, dist_process_group
+) -> None:
+    overrides = [
+        "experiment=tiny",
+        "stage=reward",
+        "logger=none",
+        "stage.max_steps=2",
+        "stage.global_batch=8",
+        "stage.onpolicy.samples_per_prompt=2",
+        "stage.onpolicy.train_prompts=12",
+        "stage.onpolicy.eval_prompts=6",
+        "stage.onpolicy.max_new_tokens=8",
+        "stage.onpolicy.static_fraction=0.5",
+    ]
+    cfg = compose(overrides)
+    trainer = RewardTrainer(cfg, tmp_path, Tracker(cfg, "reward", tmp_path))
+    trainer.setup()
+    saved = json.loads((tmp_path / "reward" / "onpolicy_pairs.json").read_text())
+    # a random tiny policy answers nothing right: each pair is the data's chosen answer against one of its own
+    assert {p["kind"] for p in saved["train"] + saved["eval"]} == {"reference"}
+    assert len(saved["train"]) <= 12 * 2 and len(saved["eval"]) <= 6 * 2 and saved["eval"]
+    rows = {r["prompt"]: r for r in builtin_rows()}
+    for pair in saved["train"]:
+        assert pair["chosen"] == rows[pair["prompt"]]["chosen"]
+        assert builtin.score(pair["prompt"], pair["rejected"]) == 0.0
+    kinds = [p["kind"] for p in trainer.train_pairs]
+    assert kinds.count("reference") == len(saved["train"]) == kinds.count("data")  # static_fraction 0.5: as many
+    assert [p["kind"] for p in trainer.eval_pairs] == ["reference"] * len(saved["eval"])
+    stats = trainer.evaluate()
+    assert "reward/acc_reference" in stats and trainer.score_stats["answers"] == len(saved["eval"])  # the policy's only
+
+    (tmp_path / "reward" / "onpolicy_pairs.json").write_text(
+        json.dumps({"train": saved["train"][:4], "eval": saved["eval"]})
+    )
+    again = RewardTrainer(cfg, tmp_path, Tracker(cfg, "reward", tmp_path))
+    again.setup()  # a resumed run reads the pairs it sampled, it does not sample again
+    assert [p["kind"] for p in again.train_pairs].count("reference") == 4
+
+
+def builtin_rows() -> list[dict]:
+    cfg = compose(["experiment=tiny", "stage=reward"])
+    return [{"prompt": p.prompt, "chosen": p.chosen} for p in builtin.generate(cfg.data.builtin_size, cfg.data.seed)]

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from rlhf import decoder, rollout
 from rlhf.data.tokenize import pad_left
-from rlhf.stages.ppo import actor_logprobs, response_mask
+from rlhf.rollout import response_mask
+from rlhf.stages.ppo import actor_logprobs
 
 EOS, PAD = 2, 0
 
@@ -155,3 +156,29 @@ def test_rollout_logprobs_equal_a_fresh_forward(dtype: torch.dtype) -> None:
             exact = actor_logprobs(model.float(), out.sequences, full_mask, 12, 0.7)
         assert gap <= ((fresh - exact) * mask).abs().max()
     assert (fresh * mask).sum() < -1.0  # sampled at 0.7 from large random weights: real log-probs, not ~0
+
+
+def test_several_samples_per_prompt_share_the_prompt_and_equal_repeated_prompts() -> None:
+    model = tiny_model()
+    batch = prompts([5, 9, 3])
+    shared = rollout.generate(
+        model, batch["input_ids"], batch["attention_mask"], 10, EOS, PAD, temperature=0, samples_per_prompt=3
+    )
+    repeated = rollout.generate(
+        model,
+        batch["input_ids"].repeat_interleave(3, dim=0),
+        batch["attention_mask"].repeat_interleave(3, dim=0),
+        10,
+        EOS,
+        PAD,
+        temperature=0,
+    )
+    assert shared.sequences.shape[0] == 9
+    assert torch.equal(shared.sequences, repeated.sequences)  # greedy: the three copies of a prompt agree
+    torch.testing.assert_close(shared.logprobs, repeated.logprobs)
+    torch.manual_seed(0)
+    sampled = rollout.generate(
+        model, batch["input_ids"], batch["attention_mask"], 10, EOS, PAD, temperature=1.5, samples_per_prompt=3
+    ).sequences
+    assert torch.equal(sampled[:, :9], batch["input_ids"].repeat_interleave(3, dim=0))
+    assert not torch.equal(sampled[0, 9:], sampled[1, 9:])  # sampled copies of one prompt differ

@@ -122,6 +122,31 @@ def blend(parts: list[list[dict]], weights: list[float], rng: random.Random) -> 
     return mix, counts
 
 
+def held_out_split(source: DictConfig, data_cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+    """One source's (eval, train) rows, shuffled with the data seed: its dataset's own split where it has one,
+    else the first `data.eval_fraction` of the rows held out. No stage trains on the eval rows."""
+    rows, _ = source_rows(source, data_cfg)
+    random.Random(data_cfg.seed).shuffle(rows)
+    if any(row.get("split") == "eval" for row in rows):
+        return [r for r in rows if r["split"] == "eval"], [r for r in rows if r["split"] != "eval"]
+    n_eval = max(1, round(len(rows) * data_cfg.eval_fraction))
+    return rows[:n_eval], rows[n_eval:]
+
+
+GOLD_SPLITS = ("test", "validation")
+
+
+def gold_rows(data_cfg: DictConfig, split: str, count: int) -> list[dict]:
+    """Held-out built-in prompts for the gold score: the built-in source's eval rows (held out from every stage),
+    alternately assigned to `test` (the figures a run reports) and `validation` (for choosing settings, so the
+    reported figures are not tuned on), the first `count` of `split`. Empty when the mix has no built-in source."""
+    for source in data_cfg.sources:
+        if source.name == "builtin" and not source.path:
+            eval_part, _ = held_out_split(source, data_cfg)
+            return eval_part[GOLD_SPLITS.index(split) :: 2][:count]
+    return []
+
+
 def stage_rows(data_cfg: DictConfig, stage: str) -> StageData:
     """The (train, eval) rows of the mix for `stage`, deterministic for `data.seed`, with the per-source counts.
 
@@ -136,14 +161,7 @@ def stage_rows(data_cfg: DictConfig, stage: str) -> StageData:
     for source in data_cfg.sources:
         if not usable_in(source, stage):
             continue
-        rows, _ = source_rows(source, data_cfg)
-        random.Random(data_cfg.seed).shuffle(rows)
-        if any(row.get("split") == "eval" for row in rows):  # the dataset's own train/eval split
-            eval_part = [r for r in rows if r["split"] == "eval"]
-            train_part = [r for r in rows if r["split"] != "eval"]
-        else:
-            n_eval = max(1, round(len(rows) * data_cfg.eval_fraction))
-            eval_part, train_part = rows[:n_eval], rows[n_eval:]
+        eval_part, train_part = held_out_split(source, data_cfg)
         shares = list(source.split if source.split is not None else data_cfg.split)
         start, end = split_shares(len(eval_part), shares)[index]
         evaluation.extend(eval_part[start:end])

@@ -6,8 +6,12 @@ KL to the reference and its shaped reward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+AllReduce = Callable[[list[float]], list[float]]  # sums over ranks (dist.all_reduce_sum); the identity alone
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -23,10 +27,22 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (count - 1).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the valid entries; invalid entries come out 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+def global_moments(x: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce | None = None) -> tuple[float, float]:
+    """Mean and unbiased variance of the valid entries over every rank's batch (`all_reduce` sums over ranks), so
+    whitening and explained variance see the global batch, not one rank's share."""
+    count, total, squares = [(mask.sum()).item(), (x * mask).sum().item(), (x.double() ** 2 * mask).sum().item()]
+    if all_reduce is not None:
+        count, total, squares = all_reduce([count, total, squares])
+    mean = total / max(count, 1.0)
+    var = (squares - count * mean**2) / max(count - 1.0, 1.0)
+    return mean, max(var, 0.0)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce: AllReduce | None = None):
+    """(x - mean) / std over the valid entries (of all ranks' batches with `all_reduce`); invalid entries come
+    out 0."""
+    mean, var = global_moments(x, mask, all_reduce)
+    out = (x - mean) / (var + 1e-8) ** 0.5
     if not shift_mean:
         out = out + mean
     return out * mask
@@ -41,6 +57,23 @@ def entropy_of(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of each position's distribution: [B, T, V] -> [B, T]."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_of` and `entropy_of` from one log-softmax; the entropy is a figure to log, computed without
+    building an autograd graph."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logprobs = torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp.exp() * logp).sum(-1)
+    return logprobs, entropy
+
+
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of each position's whole next-token distribution, p from `logits` and q from `ref_logits`:
+    [B, T, V] -> [B, T]. A real KL, not a one-sample estimate."""
+    logp, logq = F.log_softmax(logits.float(), dim=-1), F.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -109,10 +142,23 @@ def value_loss(
     return 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var(returns - values) / Var(returns): 1 is a perfect critic, 0 no better than the mean."""
-    var_returns = masked_var(returns, mask)
-    return float(1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8))
+def explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce | None = None
+) -> float:
+    """1 - Var(returns - values) / Var(returns) (over all ranks with `all_reduce`): 1 is a perfect critic, 0 no
+    better than the mean."""
+    _, var_returns = global_moments(returns, mask, all_reduce)
+    _, var_error = global_moments(returns - values, mask, all_reduce)
+    return 1.0 - var_error / max(var_returns, 1e-8)
+
+
+def ptx_block_indices(pass_index: int, rank: int, world: int, per_rank: int, row: int, count: int, n_blocks: int):
+    """The pre-training blocks for the micro-batch of `count` training rows starting at `row` of this rank's
+    `per_rank` rows, in pass `pass_index` over the experience (iteration x ppo_epochs + epoch): one block per
+    training row, each rank and pass reading blocks of its own in sequence, so none repeats before the corpus is
+    used up."""
+    start = (pass_index * world + rank) * per_rank + row
+    return [(start + i) % n_blocks for i in range(count)]
 
 
 class KLController:

@@ -11,15 +11,14 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
-from rlhf import dist, engine, models, rollout
+from rlhf import dist, engine, gold, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, world_size
 from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[[list, list[str]], list[float]]  # (prompts as written, responses) -> scores, for a model
 
 
-EVAL_METRICS = ("eval/gold_score", "eval/reward", "eval/kl")  # held-out prompts, greedy: raw reward-model score
 SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/entropy")
 
 
@@ -62,33 +60,7 @@ class Experience(NamedTuple):
     scores: torch.Tensor  # [B] the score used (normalised, clipped, EOS penalty)
     raw_scores: torch.Tensor  # [B] the reward model's raw score
     kl: torch.Tensor  # [B] summed KL to the reference
-
-
-def response_mask(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for every response token up to and including the first EOS, 0 after it."""
-    is_eos = (responses == eos_id).long()
-    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
-    return (~after_eos).long()
-
-
-@contextmanager
-def merged_lora(model: torch.nn.Module) -> Iterator[None]:
-    """Fold each LoRA update into its base weight for the duration (generation then runs plain Linears) and put
-    the original weights back afterwards."""
-    wrapped = [m for m in model.modules() if isinstance(m, models.LoRALinear)]
-    saved = []
-    with torch.no_grad():
-        for m in wrapped:
-            saved.append(m.base.weight.data.clone())
-            m.base.weight.data += (m.lora_b @ m.lora_a).to(m.base.weight.dtype) * m.scaling
-            m.merged = True
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, weight in zip(wrapped, saved, strict=True):
-                m.base.weight.data.copy_(weight)
-                m.merged = False
+    gold: torch.Tensor  # [B] the gold score of each response (nan where the prompt has no built-in answer)
 
 
 class RLHFEngine:
@@ -104,7 +76,6 @@ class RLHFEngine:
         if reward_fn is None and not stage.reward_from:
             raise models.ModelError("stage=ppo needs a reward model: stage.reward_from=<run>/reward/final")
         self.cfg, self.reward_fn = cfg, reward_fn
-        self._rollout_model: torch.nn.Module | None = None  # the plain copy ZeRO-3 generation runs on
         if not dist.is_initialized():  # used from Python rather than through `rlhf`
             from rlhf.launch import backend, configure_process
 
@@ -120,6 +91,8 @@ class RLHFEngine:
         accumulation = per_rank // (stage.mini_batches * cfg.hardware.micro_batch)  # micro-batches per update
 
         actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
+        if stage.disable_dropout:
+            models.disable_dropout(actor)
         reference = copy.deepcopy(actor)
         self.lora_modules = models.prepare_for_training(actor, cfg.model)
         self.actor = engine.initialize(
@@ -131,10 +104,14 @@ class RLHFEngine:
             accumulation=accumulation,
         )
         self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero)
+        self.generation_model = rollout.GenerationModel(self.actor.module, self.actor_zero)
 
         self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
         if reward_fn is None:
-            self.reward = engine.initialize_frozen(models.load_reward_model(stage.reward_from), cfg, hw_zero)
+            reward = models.load_reward_model(stage.reward_from)
+            if stage.disable_dropout:
+                models.disable_dropout(reward)
+            self.reward = engine.initialize_frozen(reward, cfg, hw_zero)
             self.reward_tokenizer = load_saved_tokenizer(stage.reward_from)
             self.reward_stats = models.reward_stats(stage.reward_from)
         critic_source = stage.critic_from or stage.reward_from
@@ -149,9 +126,15 @@ class RLHFEngine:
                     "token ids: set stage.critic_from to a model with the actor's tokenizer"
                 )
             critic = models.load_reward_model(critic_source)
+            if stage.normalize_reward and self.reward is not None:  # on the scale of the scores it learns to predict
+                critic_stats = self.reward_stats if critic_source == stage.reward_from else None
+                critic_stats = critic_stats or models.reward_stats(critic_source)
+                critic.normalize_output(critic_stats["mean"], critic_stats["std"])
         else:  # a reward function and no reward model: a fresh head on the reward_model backbone
             lm = models.load_causal_lm(cfg.reward_model, self.tokenizer, cfg.seed, "", root)
             critic = models.reward_model_from_lm(lm)
+        if stage.disable_dropout:
+            models.disable_dropout(critic)
         models.prepare_for_training(critic, cfg.reward_model)
         self.critic = engine.initialize(
             critic, cfg, optimizer_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=accumulation
@@ -165,33 +148,10 @@ class RLHFEngine:
             stage.reward_from or "function",
         )
 
-    @contextmanager
-    def generation_mode(self) -> Iterator[torch.nn.Module]:
-        """The model to generate with, in eval mode, with LoRA folded into the base weights. Under ZeRO-3 the actor's
-        parameters are gathered once per call and copied into a plain model without DeepSpeed's hooks (which would
-        release and gather them again at every decoding step), as DeepSpeed-Chat's hybrid engine does on GPUs; it
-        costs one full copy of the actor per rank while generating."""
-        module = self.actor.module
-        if self.actor_zero != 3:
-            with merged_lora(module):
-                module.eval()
-                yield module
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            state = models.merge_lora_state_dict(
-                {name: p.detach() for name, p in module.named_parameters()}, models.lora_scalings(module)
-            )
-            if self._rollout_model is None:
-                dtype = next(module.parameters()).dtype
-                self._rollout_model = AutoModelForCausalLM.from_config(module.config, dtype=dtype)
-            _, unexpected = self._rollout_model.load_state_dict(state, strict=False)  # copies while gathered
-        if unexpected:
-            raise RuntimeError(f"the rollout copy of the actor has no parameters named {unexpected[:3]}")
-        self._rollout_model.tie_weights()
-        self._rollout_model.eval()
-        yield self._rollout_model
+    def generation_mode(self):
+        """The actor to generate with (see rollout.GenerationModel): eval mode, LoRA folded in, gathered under
+        ZeRO-3 into a plain copy once per call."""
+        return self.generation_model()
 
     def eval_mode(self) -> None:
         """Actor and critic without dropout: experience and evaluation must see the policy PPO compares against."""
@@ -239,12 +199,18 @@ class RLHFEngine:
             )
             return rollout.Rollout(sequences, None)
 
-    def score(self, prompts: list[str], responses: list[str], sequences: torch.Tensor, mask: torch.Tensor):
-        """The raw reward of each sequence: the reward function, the reward model on these token ids (shared
-        tokenizer), or on the texts re-tokenised with the reward model's tokenizer."""
+    def score(
+        self,
+        prompts: list,
+        responses: list[str],
+        sequences: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The raw reward of each response: the reward function, the reward model on these token ids (shared
+        tokenizer), or on the texts tokenised with the reward model's tokenizer (without `sequences`)."""
         if self.reward_fn is not None:
             return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float)
-        if self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
+        if sequences is not None and self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
             return self.reward(sequences.to(self.reward.device), mask.to(self.reward.device)).float().cpu()
         fmt = PromptFormat.for_tokenizer(self.reward_tokenizer, self.cfg.data)
         rows = [
@@ -264,12 +230,9 @@ def load_saved_tokenizer(path: str):
         raise models.ModelError(f"cannot load the tokenizer saved in {path}: {err}") from err
 
 
-def actor_logprobs(
-    model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float, entropy: bool = False
-):
-    """Log-probs of the response tokens (positions from `prompt_width` on) under the sampling distribution
-    (logits / temperature, as they were sampled) and, if asked, the entropy there. The LM head runs only at the
-    positions that predict response tokens, not over the prompt."""
+def response_logits(model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """The logits that predict the response tokens (positions from `prompt_width` on): [B, R, V]. The LM head runs
+    only at those positions, not over the prompt."""
     sequences, mask = sequences.to(model.device), mask.to(model.device)
     # as indices, not a count: HF then gathers the kept positions into a contiguous tensor, which the LM head's
     # product folds into one matrix product; the strided slice a count gives makes a no-grad forward (the reference)
@@ -278,9 +241,19 @@ def actor_logprobs(
     logits = model(
         input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask), logits_to_keep=keep
     ).logits
-    logits = logits[:, :-1] / temperature
-    logprobs = F.logprobs_of(logits, sequences[:, prompt_width:])
-    return (logprobs, F.entropy_of(logits)) if entropy else logprobs
+    return logits[:, :-1]
+
+
+def actor_logprobs(
+    model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float, entropy: bool = False
+):
+    """Log-probs of the response tokens under the sampling distribution (logits / temperature, as they were
+    sampled) and, if asked, the entropy there (a figure to log: no autograd graph), from one log-softmax."""
+    logits = response_logits(model, sequences, mask, prompt_width) / temperature
+    labels = sequences[:, prompt_width:].to(logits.device)
+    if entropy:
+        return F.logprobs_and_entropy(logits, labels)
+    return F.logprobs_of(logits, labels)
 
 
 class PPOTrainer:
@@ -302,6 +275,7 @@ class PPOTrainer:
         self.step = 0
         self.rank, self.world = dist.rank(), dist.world_size()
         self.ema: dict[str, torch.Tensor] | None = None
+        self.ema_updates = 0
         self.rollout_s = 0.0  # seconds the last generate_experience spent generating
         self.progress: dict = {"history": [], "evals": {}, "gen_s": 0.0, "rollout_s": 0.0, "train_s": 0.0}
         self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
@@ -315,7 +289,10 @@ class PPOTrainer:
         torch.manual_seed(cfg.seed)
         self.tokenizer = self.engine.tokenizer if self.engine else models.load_tokenizer(cfg.model, cache_dir(cfg))
         data = self._processed_data()
-        self.prompts, self.eval_rows, self.dropped = data["train"], data["eval"], data["dropped"]
+        self.prompts, self.dropped = data["train"], data["dropped"]
+        self.gold_rows = gold.held_out_rows(cfg, self.tokenizer)
+        self.gold_records = gold.load(self.run_dir / self.name) if self.run_dir else {}
+        self.sft_record = self._sft_final_record()
         self.tracker.summary({f"data/{self.name}/{s}": n for s, n in data["counts"].items()})
         self.tracker.summary({"data/ppo/dropped_too_long": self.dropped})
         self.ptx_blocks = data["ptx"] if stage.ptx_coef > 0 else []
@@ -324,21 +301,36 @@ class PPOTrainer:
         self.steps_per_epoch, self.total_steps = plan_steps(len(self.prompts), stage, "PPO prompts")
         if self.engine is None:
             self.engine = RLHFEngine(cfg, self.total_steps, self.reward_fn)
+        torch.manual_seed(dist.rank_seed(cfg.seed))  # the models are built: from here on ranks sample apart
         self.kl_ctl = F.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
         if stage.ema_beta > 0:
             state = self._actor_state()  # every rank joins the gather; rank 0 keeps the copy
             self.ema = {n: t.float().clone() for n, t in state.items()}
         log.info(
-            "ppo: %d prompts (%d dropped as longer than data.max_prompt_len=%d), %d eval prompts, %d iterations of "
-            "%d prompts, world size %d",
+            "ppo: %d prompts (%d dropped as longer than data.max_prompt_len=%d), %d held-out gold prompts (%s), %d "
+            "iterations of %d prompts, world size %d",
             len(self.prompts),
             self.dropped,
             cfg.data.max_prompt_len,
-            len(self.eval_rows),
+            len(self.gold_rows),
+            cfg.eval.gold_split,
             self.total_steps,
             stage.global_batch,
             self.world,
         )
+
+    def _sft_final_record(self) -> gold.GoldRecord | None:
+        """The SFT stage's final gold evaluation when this actor is that stage's output in the same run and it
+        answered the same held-out prompts (then PPO's start evaluation need not generate them again)."""
+        if self.run_dir is None or not self.cfg.stage.init_from:
+            return None
+        sft_final = self.run_dir / "sft" / "final"
+        if Path(self.cfg.stage.init_from).resolve() != sft_final.resolve():
+            return None
+        record = gold.load(self.run_dir / "sft").get("end")
+        if record is None or record.prompts != [r["prompt"] for r in self.gold_rows[: len(record.prompts)]]:
+            return None
+        return record if len(record.prompts) == len(self.gold_rows) - len(self.gold_rows) % self.world else None
 
     def _processed_data(self) -> dict:
         cfg = self.cfg
@@ -357,12 +349,10 @@ class PPOTrainer:
 
             train = encode([r["prompt"] for r in rows.train])
             dropped = len(rows.train) - len(train)
-            eval_rows = encode([r["prompt"] for r in rows.eval if "family" in r and isinstance(r["prompt"], str)])
             block = cfg.data.max_prompt_len + cfg.data.max_answer_len
             return {
                 "train": train,
                 "dropped": dropped,
-                "eval": eval_rows,
                 "counts": rows.counts,
                 "ptx": text_blocks(self.tokenizer, ptx_texts(cfg.data), block),
             }
@@ -389,7 +379,7 @@ class PPOTrainer:
         rolled = eng.generate(prompts)
         sequences = rolled.sequences.cpu()
         self.rollout_s = time.perf_counter() - started  # generation alone, without the experience forward passes
-        resp_mask = response_mask(sequences[:, width:], tok.eos_token_id)
+        resp_mask = rollout.response_mask(sequences[:, width:], tok.eos_token_id)
         resp_mask[:, 0] = 1
         mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
         texts = [
@@ -417,9 +407,13 @@ class PPOTrainer:
         kl = F.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
         rewards = F.shaped_rewards(scores, kl, m, self.kl_ctl.value)
         advantages, returns = F.gae(rewards, values * m, m, stage.gamma, stage.lam)
-        if stage.whiten_advantages:
-            advantages = F.whiten(advantages, m)
+        if stage.whiten_advantages:  # over the global batch: every rank's advantages on one scale
+            advantages = F.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
         self._last_texts = list(zip(prompt_texts, texts, raw.tolist(), strict=True))
+        gold_scores = [
+            builtin.score(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")
+            for p, t in zip(prompt_texts, texts, strict=True)
+        ]
         return Experience(
             sequences,
             mask,
@@ -433,6 +427,7 @@ class PPOTrainer:
             scores,
             raw,
             kl.sum(dim=1),
+            torch.tensor(gold_scores, dtype=torch.float),
         )
 
     # 3. learning: ppo_epochs passes over the experience, each `mini_batches` optimizer steps of clipped policy and
@@ -465,13 +460,16 @@ class PPOTrainer:
                     "policy_loss": pg_loss.item(),
                     "clipfrac": clipfrac.item(),
                     "approx_kl": approx_kl.item(),
-                    "entropy": F.masked_mean(entropy.detach(), m).item(),
+                    "entropy": F.masked_mean(entropy, m).item(),
                 }
                 if self.ptx_blocks:
-                    ptx_loss = self._ptx_loss(start + epoch * len(order))
+                    ptx_loss = self._ptx_loss(self.step * stage.ppo_epochs + epoch, start, len(idx), len(order))
                     loss = loss + stage.ptx_coef * ptx_loss
                     stats["ptx_loss"] = ptx_loss.item()
+                actor_steps = eng.actor.global_steps
                 self.guard.backward_step(eng.actor, loss)
+                if self.ema is not None and eng.actor.global_steps != actor_steps:
+                    self._update_ema()  # after every actor optimizer step, as DeepSpeed-Chat does
 
                 m = m.to(critic_dev)
                 values = eng.critic(seq.to(critic_dev), mask.to(critic_dev), per_token=True)[:, prompt - 1 : -1]
@@ -483,16 +481,13 @@ class PPOTrainer:
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        if self.ema is not None:  # once per iteration: under ZeRO-3 it gathers the whole actor
-            self._update_ema()
         self.step += 1
         return {k: v / count for k, v in sums.items()}
 
-    def _ptx_loss(self, offset: int) -> torch.Tensor:
-        micro = self.cfg.hardware.micro_batch
-        start = (self.step * self.cfg.stage.global_batch + offset + self.rank * micro) % len(self.ptx_blocks)
-        blocks = [self.ptx_blocks[(start + i) % len(self.ptx_blocks)] for i in range(micro)]
-        ids = torch.tensor(blocks, device=self.engine.actor.device)
+    def _ptx_loss(self, pass_index: int, row: int, count: int, per_rank: int) -> torch.Tensor:
+        """The language-model loss on pre-training blocks of this rank's own (see F.ptx_block_indices)."""
+        index = F.ptx_block_indices(pass_index, self.rank, self.world, per_rank, row, count, len(self.ptx_blocks))
+        ids = torch.tensor([self.ptx_blocks[i] for i in index], device=self.engine.actor.device)
         return self.engine.actor(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
 
     def _actor_state(self) -> dict[str, torch.Tensor]:
@@ -503,7 +498,9 @@ class PPOTrainer:
         return models.merge_lora_state_dict(state, models.lora_scalings(self.engine.actor.module))
 
     def _update_ema(self) -> None:
+        """ema = beta * ema + (1 - beta) * actor; under ZeRO-3 every rank joins the gather of the whole actor."""
         beta = self.cfg.stage.ema_beta
+        self.ema_updates += 1
         for name, value in self._actor_state().items():
             self.ema[name].mul_(beta).add_(value.float(), alpha=1.0 - beta)
 
@@ -517,8 +514,8 @@ class PPOTrainer:
         if self.step == 0:
             if self.checkpoints is not None:
                 self.checkpoints.check_stop()  # a signal while loading: stop before the long held-out generation
-            start = self.evaluate()
-            evals |= {f"{k.split('/')[1]}_start": v for k, v in start.items()}
+            start = self.evaluate("start")
+            evals |= gold.summary_figures(start, "_start")
             self.tracker.log(start, step=0)
         history = progress["history"]
         for batch in self.prompt_batches():
@@ -545,8 +542,8 @@ class PPOTrainer:
                 if not skipped:
                     history.append(metrics)
             if self._eval_due():
-                metrics |= self.evaluate()
-                evals |= {k.split("/")[1]: metrics[k] for k in EVAL_METRICS if k in metrics}
+                metrics |= self.evaluate("end" if self.step == self.total_steps else f"step-{self.step}")
+                evals |= gold.summary_figures(metrics)
             if guard_ok and (self.step % stage.sample_table_interval == 0 or self.step == 1):
                 rows = [
                     {"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in self._last_texts[:4]
@@ -561,7 +558,8 @@ class PPOTrainer:
         window = max(1, min(5, len(history) // 4))
 
         def mean_of(key: str, rows: list[dict]) -> float:
-            return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+            values = [r[key] for r in rows if key in r]  # the rollouts' gold figures are rank 0's alone
+            return sum(values) / len(values) if values else float("nan")
 
         gen_s_total, rollout_s_total = progress["gen_s"], progress["rollout_s"]
         total = gen_s_total + progress["train_s"]
@@ -580,7 +578,12 @@ class PPOTrainer:
             "kl_first": mean_of("ppo/kl", history[:window]),
             "kl_last": mean_of("ppo/kl", history[-window:]),
             "kl_max": max((r["ppo/kl"] for r in history), default=float("nan")),
+            "rollout_gold_first": mean_of("ppo/gold_mean", history[:window]),
+            "rollout_gold_last": mean_of("ppo/gold_mean", history[-window:]),
+            "reward_gold_auc_first": mean_of("ppo/reward_gold_auc", history[:window]),
+            "reward_gold_auc_last": mean_of("ppo/reward_gold_auc", history[-window:]),
             **evals,
+            **gold.delta_figures(self.gold_records),
             "dropped_prompts": self.dropped,
             "skipped_steps": self.guard.skipped,
         }
@@ -615,7 +618,7 @@ class PPOTrainer:
             **{f"ppo/{k}": v for k, v in stats.items()},
             "ppo/response_len": len_sum / n_rows,
             "ppo/eos_rate": eos_sum / n_rows,
-            "ppo/value_explained_var": F.explained_variance(exp.values, exp.returns, m),
+            "ppo/value_explained_var": F.explained_variance(exp.values, exp.returns, m, dist.all_reduce_sum),
             "ppo/actor_lr": self.engine.actor.get_lr()[0],
             "perf/gen_tokens_per_s": len_sum / self.rollout_s,
             "perf/train_tokens_per_s": train_tokens / train_s,
@@ -624,7 +627,21 @@ class PPOTrainer:
             "perf/step_s": gen_s + train_s,
         }
         self.kl_ctl.update(kl_mean, int(n_rows))
-        return metrics
+        return metrics | self._rollout_gold(exp)
+
+    def _rollout_gold(self, exp: Experience) -> dict[str, float]:
+        """The gold score of the sampled responses, and how well the reward ranks them as gold does (the AUC of the
+        raw reward against gold right/wrong): reward hacking shows as a rising reward with a falling AUC."""
+        graded = ~exp.gold.isnan()
+        pairs = list(zip(exp.raw_scores[graded].tolist(), exp.gold[graded].tolist(), strict=True))
+        shares = dist.gather_objects(pairs)
+        if shares is None:  # not rank 0
+            return {}
+        pairs = [pair for share in shares for pair in share]
+        if not pairs:
+            return {}
+        rewards, golds = zip(*pairs, strict=True)
+        return {"ppo/gold_mean": sum(golds) / len(golds), "ppo/reward_gold_auc": stats.auc(list(rewards), list(golds))}
 
     def _eval_due(self) -> bool:
         """Evaluate every `eval_interval` iterations and at the last, but not when stopping early for a signal."""
@@ -633,48 +650,75 @@ class PPOTrainer:
         return self.step == self.total_steps or (due and not stopping)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """On held-out built-in prompts answered greedily: the gold scorer's mean, the raw reward (the reward model's
-        score, without normalisation) and the KL (summed over the response, k1) to the reference; empty when the mix
-        has no built-in eval prompts."""
-        usable = min(self.cfg.stage.eval_prompts, len(self.eval_rows))
-        rows = self.eval_rows[: usable - usable % self.world][
-            self.rank :: self.world
-        ]  # equal shares keep ZeRO-3 ranks in step
+    def evaluate(self, when: str) -> dict[str, float]:
+        """On the held-out gold prompts answered greedily: the gold score (with its 95% interval, per family), the
+        reward model's raw score, and the KL to the reference along the answers of the first `eval.kl_prompts`
+        (the KL of the whole next-token distributions, summed over each answer's tokens, in nats; 0 before the first
+        update, when the actor is the reference). The per-prompt outcomes are kept under `when` in
+        `<run>/ppo/gold.json`. Empty when the mix has no built-in prompts."""
+        cfg, eng = self.cfg, self.engine
+        rows = gold.my_share(self.gold_rows)
         if not rows:
             return {}
-        gold_sum, kl_sum, reward_sum, n = 0.0, 0.0, 0.0, 0
-        self.engine.eval_mode()
-        micro = max(self.cfg.hardware.micro_batch, 8)
-        for start in range(0, len(rows), micro):
-            chunk = rows[start : start + micro]
-            prompts = pad_left([r["input_ids"] for r in chunk], self.tokenizer.pad_token_id)
-            width = prompts["input_ids"].shape[1]
-            sequences = self.engine.generate(prompts, greedy=True).sequences.cpu()
-            resp_mask = response_mask(sequences[:, width:], self.tokenizer.eos_token_id)
-            resp_mask[:, 0] = 1
-            mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
-            logprobs = actor_logprobs(self.engine.actor, sequences, mask, width, 1.0)
-            ref = actor_logprobs(self.engine.reference, sequences, mask, width, 1.0)
-            kl_sum += ((logprobs - ref) * resp_mask).sum().item()
-            texts = [
-                self.tokenizer.decode(seq[width:][m.bool()], skip_special_tokens=True)
-                for seq, m in zip(sequences, resp_mask, strict=True)
-            ]
-            gold_sum += sum(builtin.score(row["prompt"], text) for row, text in zip(chunk, texts, strict=True))
-            reward_sum += self.engine.score([r["prompt"] for r in chunk], texts, sequences, mask).sum().item()
-            n += len(chunk)
-        gold_sum, kl_sum, reward_sum, n = dist.all_reduce_sum([gold_sum, kl_sum, reward_sum, n])
-        n = max(n, 1)
-        metrics = {"eval/gold_score": gold_sum / n, "eval/kl": kl_sum / n, "eval/reward": reward_sum / n}
-        if self.rank == 0:
+        eng.eval_mode()
+        if when == "start" and self.sft_record is not None:
+            return self._evaluate_handed_over(rows)
+        with eng.generation_mode() as model:
+            answers = list(gold.answers(model, self.tokenizer, rows, cfg.eval.batch, cfg.eval.max_new_tokens))
+        kl_sum, kl_rows, reward_sum, correct, texts = 0.0, 0, 0.0, [], []
+        kl_share = 0 if self.step == 0 else cfg.eval.kl_prompts // self.world  # the actor is the reference at 0
+        micro = cfg.hardware.micro_batch  # full-vocabulary logits for the KL: a micro-batch at a time
+        for batch in answers:
+            limit = max(0, min(len(batch.rows), kl_share - kl_rows))
+            for start in range(0, limit, micro):
+                part = slice(start, min(start + micro, limit))
+                sequences, mask = batch.sequences[part], batch.attention_mask[part]
+                logits = response_logits(eng.actor, sequences, mask, batch.width)
+                ref_logits = response_logits(eng.reference, sequences, mask, batch.width)
+                resp_mask = batch.response_mask[part].to(logits.device)
+                kl_sum += (F.full_kl(logits, ref_logits) * resp_mask).sum().item()
+                kl_rows += len(sequences)
+            prompts = [r["prompt"] for r in batch.rows]
+            reward_sum += eng.score(prompts, batch.texts, batch.sequences, batch.attention_mask).sum().item()
+            correct += gold.grade(batch.rows, batch.texts)
+            texts += batch.texts
+        kl_sum, kl_rows, reward_sum, n = dist.all_reduce_sum([kl_sum, kl_rows, reward_sum, len(rows)])
+        metrics = {"eval/kl": kl_sum / kl_rows if kl_rows else 0.0, "eval/reward": reward_sum / n}
+        record = gold.gather(rows, correct, texts)
+        if record is not None:  # rank 0
+            self.gold_records[when] = record
+            if self.run_dir is not None:
+                gold.save(self.run_dir / self.name, self.gold_records)
+            metrics |= gold.metrics(record)
             log.info(
-                "ppo eval at step %d: gold score %.4f, reward %.4f, KL to reference %.4f (%d prompts, greedy)",
+                "ppo eval (%s, step %d): gold %s, reward %.4f, KL to reference %.3f nats (%d prompts, greedy)",
+                when,
                 self.step,
-                metrics["eval/gold_score"],
+                stats.wilson_interval(sum(record.correct), len(record.correct)).text(),
                 metrics["eval/reward"],
                 metrics["eval/kl"],
-                int(n),
+                len(record.correct),
+            )
+        return metrics
+
+    def _evaluate_handed_over(self, rows: list[dict]) -> dict[str, float]:
+        """The start evaluation from the SFT stage's final one (the same model, prompts and greedy answers): only
+        the reward model scores its answers; the KL is 0, the actor being the reference."""
+        mine = gold.my_share(list(zip(self.sft_record.prompts, self.sft_record.responses, strict=True)))
+        reward_sum = 0.0
+        for start in range(0, len(mine), self.cfg.eval.batch):
+            prompts, texts = zip(*mine[start : start + self.cfg.eval.batch], strict=True)
+            reward_sum += self.engine.score(list(prompts), list(texts)).sum().item()
+        reward_sum, n = dist.all_reduce_sum([reward_sum, len(rows)])
+        metrics = {"eval/kl": 0.0, "eval/reward": reward_sum / n}
+        if self.rank == 0:
+            self.gold_records["start"] = self.sft_record
+            if self.run_dir is not None:
+                gold.save(self.run_dir / self.name, self.gold_records)
+            metrics |= gold.metrics(self.sft_record)
+            log.info(
+                "ppo eval (start): the SFT stage's final gold evaluation (the same model), reward %.4f",
+                metrics["eval/reward"],
             )
         return metrics
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from rlhf import dist, engine, models
+from rlhf import dist, engine, gold, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, grad_accum_steps
 from rlhf.data import batch_indices, plan_steps, stage_rows
@@ -59,6 +59,9 @@ class SFTTrainer:
             len(self.train_examples), cfg.stage, "SFT training examples"
         )
         self.engine = engine.initialize(model, cfg, self.total_steps)
+        self.generation_model = rollout.GenerationModel(self.engine.module, cfg.hardware.zero_stage)
+        self.gold_rows = gold.held_out_rows(cfg, self.tokenizer)
+        self.gold_records = gold.load(self.out_dir)
         log.info(
             describe_plan(
                 "sft", "examples", len(self.train_examples), len(self.eval_examples), model, self.lora_modules, cfg
@@ -104,7 +107,9 @@ class SFTTrainer:
         steplog = StepLog("sft", self.total_steps, cfg.stage.log_interval, log, enabled=self.rank == 0)
         if self.step == 0:
             progress["evals"]["eval_loss_start"] = self.evaluate()
-            self.tracker.log({"sft/eval_loss": progress["evals"]["eval_loss_start"]}, step=0)
+            start = {"sft/eval_loss": progress["evals"]["eval_loss_start"]} | self.evaluate_gold("start")
+            progress["evals"] |= gold.summary_figures(start, "_start")
+            self.tracker.log(start, step=0)
         eng.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
@@ -138,6 +143,9 @@ class SFTTrainer:
                 metrics["sft/eval_loss"] = self.evaluate()
                 metrics["sft/ppl"] = math.exp(min(metrics["sft/eval_loss"], 50.0))
                 progress["evals"]["eval_loss"] = metrics["sft/eval_loss"]
+                if self.step == self.total_steps:
+                    metrics |= self.evaluate_gold("end")
+                    progress["evals"] |= gold.summary_figures(metrics)
             self.tracker.log(metrics, step=self.step)
             shown = {"sft/loss": metrics.get("sft/loss", float("nan")), "sft/lr": metrics["sft/lr"]}
             steplog.step(self.step, shown, tokens / step_s, step_s)
@@ -151,6 +159,7 @@ class SFTTrainer:
             ),
             **evals,
             "eval_ppl": math.exp(min(evals.get("eval_loss", float("nan")), 50.0)),
+            **gold.delta_figures(self.gold_records),
             "skipped_steps": self.guard.skipped,
             "params": self.n_params,
             "trainable_params": self.n_trainable,
@@ -189,6 +198,28 @@ class SFTTrainer:
                 int(count),
             )
         return loss
+
+    def evaluate_gold(self, when: str) -> dict[str, float]:
+        """The gold score of greedy answers to the held-out gold prompts (see rlhf.gold), kept under `when` in
+        `<run>/sft/gold.json`: at the start the base model's, at the end the SFT model's."""
+        if not self.gold_rows:
+            return {}
+        started = time.perf_counter()
+        record = gold.evaluate_policy(self.generation_model, self.tokenizer, self.gold_rows, self.cfg)
+        if record is None:  # not rank 0
+            return {}
+        self.gold_records[when] = record
+        gold.save(self.out_dir, self.gold_records)
+        score = stats.wilson_interval(sum(record.correct), len(record.correct))
+        log.info(
+            "sft gold (%s, step %d): %s on %d held-out prompts, greedy (%.0f s)",
+            when,
+            self.step,
+            score.text(),
+            len(record.correct),
+            time.perf_counter() - started,
+        )
+        return gold.metrics(record)
 
     # 3. save: the final model in Hugging Face format, LoRA merged, written atomically by rank 0
     def save(self) -> Path:
