@@ -40,7 +40,7 @@ def test_sft_runs_and_saves(name: str, tmp_path: Path, dist_process_group) -> No
     )
     summary = stages.run(cfg, tmp_path)
     assert summary["steps"] == 3
-    assert math.isfinite(summary["last_loss"]) and summary["last_loss"] < summary["first_loss"] + 0.5
+    assert summary["eval_loss"] < summary["eval_loss_start"] - 0.2, summary  # the same held-out batch, before and after
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")
     assert sum(p.numel() for p in model.parameters()) == summary["params"] - summary["lora_params"]
     if name == "zero1-bf16":  # saved from the fp32 master weights, not from the bf16 copy the engine computes with

@@ -179,7 +179,8 @@ class RewardTrainer:
 
     def _onpolicy_key(self) -> str:
         """What the sampled pairs depend on: the policy (its folder's files, or the model option and seed), the
-        on-policy settings, the data, the world size (ranks sample apart) and the code that samples and grades."""
+        on-policy settings, the data, the world size (ranks sample apart), the precision and the code that samples
+        and grades."""
         cfg, op = self.cfg, self.cfg.stage.onpolicy
         folder = Path(cfg.stage.policy_from or models.model_location(cfg.model, cache_dir(cfg)))
         files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*")) if f.is_file()]
@@ -189,6 +190,7 @@ class RewardTrainer:
             "onpolicy": settings,
             "data": OmegaConf.to_container(cfg.data, enum_to_str=True) | {"rebuild": False},
             "world": self.world,
+            "precision": str(cfg.hardware.precision.value),
             "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (onpolicy, builtin, gold)],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
@@ -200,9 +202,8 @@ class RewardTrainer:
         started = time.perf_counter()
         data = stage_rows(cfg.data, self.name)
         policy_tokenizer = models.load_tokenizer(cfg.model, cache_dir(cfg))
-        policy = models.load_causal_lm(
-            cfg.model, policy_tokenizer, cfg.seed, cfg.stage.policy_from, cache_dir(cfg)
-        ).eval()
+        policy = models.load_causal_lm(cfg.model, policy_tokenizer, cfg.seed, cfg.stage.policy_from, cache_dir(cfg))
+        policy = policy.to(models.TORCH_DTYPES[cfg.hardware.precision]).eval()  # sampled as PPO samples it
         torch.manual_seed(dist.rank_seed(cfg.seed))
         fmt = PromptFormat.for_tokenizer(policy_tokenizer, cfg.data)
         out = {}
