@@ -45,10 +45,9 @@ def result_text(summary: dict) -> str:
     reward model's accuracy with its interval and the PPO actor's KL to the reference."""
     parts = []
     for start, end, label in RESULT_KEYS.get(summary["stage"], []):
-        if end in summary and start in summary:
-            parts.append(f"{label} {summary[start]:.3g} -> {summary[end]:.3g}")
-        elif end in summary:
-            parts.append(f"{label} {summary[end]:.3g}")
+        if end in summary:
+            before = f"{summary[start]:.3g} -> " if start in summary else ""
+            parts.append(f"{label} {before}{summary[end]:.3g}")
     if "gold_delta" in summary:
         parts.append(
             f"gold {summary['gold_delta'] * 100:+.1f} pts [{summary['gold_delta_low'] * 100:+.1f}, "

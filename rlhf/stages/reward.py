@@ -190,7 +190,7 @@ class RewardTrainer:
             "onpolicy": settings,
             "data": OmegaConf.to_container(cfg.data, enum_to_str=True) | {"rebuild": False},
             "world": self.world,
-            "precision": str(cfg.hardware.precision.value),
+            "precision": cfg.hardware.precision.value,
             "code": [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (onpolicy, builtin, gold)],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
