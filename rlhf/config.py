@@ -6,6 +6,8 @@ Hydra's own message, before anything loads. Rules that span fields live in `vali
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from rlhf.data.formats import ADAPTERS
 
@@ -196,6 +198,7 @@ class PPOStageConfig:
     epochs: int = 1  # passes over the PPO prompts
     max_steps: int = -1  # PPO iterations (generate, then learn); -1 runs the full epochs
     global_batch: int = 16  # prompts per iteration, over all ranks
+    samples_per_prompt: int = 1  # responses sampled per prompt: an iteration learns from global_batch x this many
     eval_interval: int = 50  # iterations between gold-score evaluations (also before the first and at the end)
     checkpoint_interval: int = 0  # iterations between checkpoints (0: only at the end and when stopped)
     log_interval: int = 1
@@ -223,8 +226,11 @@ class PPOStageConfig:
     no_eos_penalty: float = 0.0  # added to the score of a response that never reaches EOS (e.g. -1.0)
     # learning
     ppo_epochs: int = 1
-    mini_batches: int = 1  # optimizer steps per PPO epoch; each accumulates global_batch / mini_batches samples
-    gamma: float = 1.0
+    mini_batches: int = 1  # optimizer steps per PPO epoch; each accumulates 1 / mini_batches of the rollouts
+    # gae: PPO's critic and GAE (per token); rloo / grpo: the prompt's other samples as the baseline (one advantage
+    # per response, samples_per_prompt >= 2), and no critic is built, trained or checkpointed
+    advantage: str = "gae"
+    gamma: float = 1.0  # gae only, as are lam, whiten_advantages, value_clip and the critic's settings
     lam: float = 0.95
     whiten_advantages: bool = True
     clip_range: float = 0.2
@@ -375,6 +381,12 @@ def world_size(cfg: DictConfig) -> int:
     return cfg.hardware.nodes * cfg.hardware.procs_per_node
 
 
+def ppo_rollouts(stage: DictConfig) -> int:
+    """Responses per PPO iteration over all ranks: each of the global_batch prompts sampled samples_per_prompt
+    times."""
+    return stage.global_batch * stage.samples_per_prompt
+
+
 def grad_accum_steps(cfg: DictConfig) -> int:
     """Micro-batches per optimizer step on each rank, derived from the global batch."""
     return cfg.stage.global_batch // (world_size(cfg) * cfg.hardware.micro_batch)
@@ -440,8 +452,41 @@ def prepare(cfg: DictConfig) -> str | None:
     return note
 
 
+def unknown_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
+    """A message for every key the schemas do not define (a misspelt `+stage.max_step=3` would otherwise be
+    carried along and ignored), with the closest option when one is near."""
+    problems: list[str] = []
+    if isinstance(node, ListConfig):
+        for i in range(len(node)):
+            child = node._get_node(i)
+            if isinstance(child, DictConfig | ListConfig):
+                problems += unknown_keys(child, f"{prefix}[{i}]")
+        return problems
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if known is not None and key not in known:
+            above = f"{prefix}." if prefix else ""
+            close = [above + m for m in difflib.get_close_matches(str(key), sorted(known), n=1)]
+            if schema is PipelineStageConfig:  # a stage's option given at the pipeline's level
+                for name in PIPELINE_ORDER:
+                    fields = [f.name for f in dataclasses.fields(STAGE_SCHEMAS[name])]
+                    close += [f"{prefix}.{name}.{m}" for m in difflib.get_close_matches(str(key), fields, n=1)]
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            problems.append(f"{path} is not an option of {schema.__name__}{hint}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig | ListConfig):
+            problems += unknown_keys(child, path)
+    return problems
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the rules that span fields; raise ConfigError listing every broken rule with its keys."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(unknown))
     if cfg.stage.name == "pipeline":
         _validate_pipeline(cfg)
         return
@@ -543,11 +588,22 @@ def validate(cfg: DictConfig) -> None:
         need(stage.prompt_width >= 0, f"stage.prompt_width={stage.prompt_width} must be >= 0 (0: the longest prompt)")
         need(0 <= stage.ema_beta < 1, f"stage.ema_beta={stage.ema_beta} must be in [0, 1)")
         need(stage.ppo_epochs >= 1, f"stage.ppo_epochs={stage.ppo_epochs} must be >= 1")
+        need(stage.samples_per_prompt >= 1, f"stage.samples_per_prompt={stage.samples_per_prompt} must be >= 1")
+        need(
+            stage.advantage in ("gae", "rloo", "grpo"),
+            f"stage.advantage={stage.advantage} must be gae, rloo or grpo",
+        )
+        need(
+            stage.advantage == "gae" or stage.samples_per_prompt >= 2,
+            f"stage.advantage={stage.advantage} compares each response with the others to its prompt: it needs "
+            f"stage.samples_per_prompt >= 2 (it is {stage.samples_per_prompt})",
+        )
         per_update = max(world_size(cfg) * hw.micro_batch * stage.mini_batches, 1)
         need(
-            stage.mini_batches >= 1 and stage.global_batch % per_update == 0,
-            f"stage.global_batch={stage.global_batch} must split into stage.mini_batches={stage.mini_batches} "
-            f"optimizer steps of whole micro-batches on every rank (a multiple of {per_update})",
+            stage.mini_batches >= 1 and ppo_rollouts(stage) % per_update == 0,
+            f"stage.global_batch x stage.samples_per_prompt = {ppo_rollouts(stage)} rollouts must split into "
+            f"stage.mini_batches={stage.mini_batches} optimizer steps of whole micro-batches on every rank "
+            f"(a multiple of {per_update})",
         )
         need(
             stage.ptx_coef == 0 or bool(data.ptx.path or data.ptx.name),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,11 +17,18 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from rlhf import dist
+from rlhf import checkpoint, dist
 from rlhf.checkpoint import CheckpointError, Preempted, config_diff
-from rlhf.config import RESOLVED_CONFIG_NAME, Accelerator, load_resolved, save_resolved, world_size
+from rlhf.config import (
+    PIPELINE_ORDER,
+    RESOLVED_CONFIG_NAME,
+    Accelerator,
+    load_resolved,
+    save_resolved,
+    world_size,
+)
 from rlhf.guard import NonFiniteError
 from rlhf.stages import finished_summary
 
@@ -71,6 +79,10 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> str | None:
         if cfg.resume not in ("", "auto"):
             return f"resume={cfg.resume}: no run to continue there ({RESOLVED_CONFIG_NAME} not found)"
         return None
+    if not trained_anything(run_dir):  # an earlier start failed before any checkpoint: the folder is free
+        log.info("%s holds no checkpoint or finished stage (an earlier start stopped first): starting afresh", run_dir)
+        saved.unlink()
+        return None
     if not cfg.resume:
         return (
             f"{run_dir} already holds a run; continue it with resume=auto (same overrides and hydra.run.dir) or "
@@ -84,6 +96,14 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> str | None:
             + "\nresume with the overrides the run started with"
         )
     return None
+
+
+def trained_anything(run_dir: Path) -> bool:
+    """Whether a run directory holds a stage's checkpoint or final output (else nothing there can be resumed)."""
+    return any(
+        any(checkpoint.stage_folder(run_dir, name).glob(f"{checkpoint.PREFIX}*")) or (run_dir / name / "final").is_dir()
+        for name in PIPELINE_ORDER
+    )
 
 
 def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
@@ -112,12 +132,21 @@ def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
         log.error("stage %s stopped: %s", cfg.stage.name, err)
         return 2
     except Preempted as stop:
-        log.warning("stage %s %s; continue with: rlhf resume=%s <the same overrides>", cfg.stage.name, stop, run_dir)
+        log.warning("stage %s %s; continue with: %s", cfg.stage.name, stop, resume_command(run_dir))
         return 128 + stop.signum
     except NonFiniteError as err:
         log.error("%s", err)
         return 3
     return 0
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`: its overrides as Hydra recorded them, with resume set."""
+    recorded = run_dir / ".hydra" / "overrides.yaml"
+    if not recorded.is_file():  # started from Python, not by `rlhf`
+        return f"rlhf resume={run_dir} <the overrides it started with>"
+    kept = [str(o) for o in OmegaConf.load(recorded) if not str(o).startswith("resume=")]
+    return " ".join(["rlhf", f"resume={run_dir}", *(shlex.quote(o) for o in kept)])
 
 
 def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:

@@ -145,17 +145,39 @@ def tiny_config(model_cfg: DictConfig, tokenizer) -> LlamaConfig:
     )
 
 
+def saved_architectures(folder: str | Path) -> list[str]:
+    """The `architectures` a saved model folder's config.json names (empty when it names none or is unreadable)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return []
+
+
+def refuse_reward_model_as_lm(folder: str | Path, key: str) -> None:
+    """A ModelError when `folder` holds a reward model (a sequence classifier) where a causal LM is needed: loaded
+    as an LM, its missing head would be initialised at random and the run would train nonsense silently."""
+    classifiers = [a for a in saved_architectures(folder) if a.endswith("ForSequenceClassification")]
+    if classifiers:
+        raise ModelError(
+            f"{key}={folder} is a reward model ({classifiers[0]}), not a language model: give an SFT output "
+            "(<run>/sft/final) or a causal LM folder"
+        )
+
+
 def load_causal_lm(model_cfg: DictConfig, tokenizer, seed: int, init_from: str = "", root: Path | None = None):
     """The causal LM of a model option in fp32 (training keeps fp32 master weights), or from `init_from`."""
     if init_from:
         location = init_from
         if not (Path(location) / "config.json").is_file():
             raise ModelError(f"stage.init_from={init_from}: no Hugging Face model there (config.json not found)")
+        refuse_reward_model_as_lm(location, "stage.init_from")
     elif model_cfg.source == Source.tiny:
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(tiny_config(model_cfg, tokenizer), dtype=torch.float32)
     else:
         location = model_location(model_cfg, root)
+        if model_cfg.source == Source.local:
+            refuse_reward_model_as_lm(location, "model.path")
     model = from_pretrained(
         AutoModelForCausalLM,
         location,
@@ -408,6 +430,12 @@ def load_reward_model(path: str | Path) -> RewardModel:
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no saved reward model there (config.json not found)")
+    language_models = [a for a in saved_architectures(path) if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if language_models:
+        raise ModelError(
+            f"{path} is a causal language model ({language_models[0]}), not a reward model: give a reward-stage "
+            "output (<run>/reward/final)"
+        )
     loaded = from_pretrained(AutoModelForSequenceClassification, path, "the reward model")
     model = RewardModel(getattr(loaded, loaded.base_model_prefix), loaded.config)
     model.score = loaded.score

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from rlhf.config import DType, Source, cache_dir, save_resolved, stage_config, world_size
+from rlhf.config import DType, Source, cache_dir, ppo_rollouts, save_resolved, stage_config, world_size
 from rlhf.progress import format_seconds, markdown_table
 
 log = logging.getLogger("rlhf")
@@ -198,7 +198,7 @@ def stage_memory(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setu
             zero3 = setup.zero[role] == 3
             total["weights"] += archs[key].params() * b / (world if zero3 else 1)
         actor = archs["model"]
-        per_rank = cfg.stage.global_batch // world
+        per_rank = ppo_rollouts(cfg.stage) // world
         kv_cache = 2 * actor.layers * per_rank * seq * actor.hidden * actor.kv_heads // actor.heads * 4
         total["activations"] = max(total["activations"], kv_cache)
     total["total"] = sum(total.values())
@@ -275,7 +275,7 @@ def stage_work(cfg: DictConfig, name: str, archs: dict[str, Arch], shape: DataSh
     answer = shape.answer_tokens if shape else data.max_answer_len
     if name == "ppo":
         seq = prompt + stage.max_new_tokens
-        samples = steps * stage.global_batch
+        samples = steps * ppo_rollouts(stage)
         actor, critic = archs["model"].params(), archs["reward_model"].params()
         ckpt = 8 if cfg.model.gradient_checkpointing else 6
         flops = samples * (

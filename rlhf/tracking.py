@@ -27,7 +27,10 @@ def api_key_configured() -> bool:
 
 
 def resolve_mode(mode: LoggerMode) -> str:
-    """The W&B mode to run in; WANDB_MODE in the environment wins, as W&B users expect."""
+    """The W&B mode to run in; WANDB_MODE in the environment wins, as W&B users expect, except over `logger=none`
+    (disabled), which means no W&B run at all."""
+    if mode == LoggerMode.disabled:
+        return "disabled"
     if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return os.environ["WANDB_MODE"]
     if mode == LoggerMode.auto:

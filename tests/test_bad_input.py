@@ -65,15 +65,21 @@ def missing_weights(case_dir: Path, prior: Path) -> list[str]:
     return [f"stage.init_from={folder}"]
 
 
-def reward_with_another_tokenizer(case_dir: Path, prior: Path) -> list[str]:
+def saved_reward_model(case_dir: Path, extra_token: bool = False) -> Path:
+    """An untrained tiny reward model saved as the reward stage saves one (with an extra token if asked)."""
     cfg = compose([*TINY, "stage=reward", "stage.max_steps=1"])
     trainer = RewardTrainer(cfg, case_dir, Tracker(cfg, "reward", case_dir))
     trainer.setup()
-    trainer.tokenizer.add_tokens(["<an-extra-token>"])
+    if extra_token:
+        trainer.tokenizer.add_tokens(["<an-extra-token>"])
     module = trainer.engine.module
     target = case_dir / "reward"
     models.save_reward_model(module, module.state_dict(), trainer.tokenizer, target, DType.fp32, {"mean": 0, "std": 1})
-    return [f"stage.reward_from={target}"]
+    return target
+
+
+def reward_with_another_tokenizer(case_dir: Path, prior: Path) -> list[str]:
+    return [f"stage.reward_from={saved_reward_model(case_dir, extra_token=True)}"]
 
 
 def data_file(name: str, lines: list[str]) -> Callable[[Path, Path], list[str]]:
@@ -141,10 +147,26 @@ CASES = [
     Case(
         "PPO mini-batches that do not divide",
         ["stage=ppo", "stage.global_batch=8", "stage.mini_batches=3"],
-        "stage.global_batch=8 must split into stage.mini_batches=3",
+        "= 8 rollouts must split into stage.mini_batches=3",
+    ),
+    Case("unknown advantage estimator", ["stage=ppo", "stage.advantage=ppo"], "must be gae, rloo or grpo"),
+    Case(
+        "group estimator with one sample per prompt",
+        ["stage=ppo", "stage.advantage=rloo"],
+        "it needs stage.samples_per_prompt >= 2 (it is 1)",
     ),
     Case("bad option inside the pipeline", ["stage.reward.global_batch=6"], "stage.reward.global_batch=6 must be"),
     Case("misspelt option", ["stage=sft", "stage.max_step=5"], "max_step"),
+    Case(
+        "misspelt option added with +",
+        ["stage=sft", "+stage.max_step=5"],
+        "stage.max_step is not an option of SFTStageConfig (did you mean stage.max_steps?)",
+    ),
+    Case(
+        "a stage's option at the pipeline's level",
+        ["+stage.kl_coef=0.1"],
+        "stage.kl_coef is not an option of PipelineStageConfig (did you mean stage.ppo.kl_coef?)",
+    ),
     Case("unknown config choice", ["model=opt-9b"], "Could not find 'model/opt-9b'"),
     Case("wrong type", ["stage=sft", "stage.max_steps=ten"], "could not be converted to Integer"),
     Case("ZeRO stage 4", ["hardware.zero_stage=4"], "hardware.zero_stage=4 must be 0, 1, 2 or 3"),
@@ -188,6 +210,20 @@ CASES = [
         [*TINY, "stage=ppo", "stage.max_steps=1"],
         "uses another tokenizer than the actor",
         prepare=reward_with_another_tokenizer,
+        kind="run",
+    ),
+    Case(
+        "language model given as the reward model",
+        [*TINY, "stage=ppo", "stage.max_steps=1"],
+        "is a causal language model (LlamaForCausalLM), not a reward model",
+        prepare=lambda case_dir, prior: [f"stage.reward_from={prior}/sft/final"],
+        kind="run",
+    ),
+    Case(
+        "reward model given as the actor",
+        SFT,
+        "is a reward model (LlamaForSequenceClassification), not a language model",
+        prepare=lambda case_dir, prior: [f"stage.init_from={saved_reward_model(case_dir)}"],
         kind="run",
     ),
     # data: refused when the stage reads it (strict: a bad row is an error naming the row)
@@ -293,3 +329,16 @@ def test_bad_input_is_one_clear_error_and_overwrites_nothing(
     if before:
         assert snapshot(run_dir) == before  # nothing in the existing run changed
     assert not list(run_dir.glob("*/final")) or before
+
+
+@pytest.mark.parametrize("resume", ["", "auto"])
+def test_a_run_that_failed_before_training_does_not_lock_its_folder(
+    tmp_path: Path, dist_process_group, resume: str
+) -> None:
+    run_dir = tmp_path / "run"
+    assert launch.run(compose([*SFT, "model=local", "model.path=/missing/model"]), run_dir) == 2
+    assert (run_dir / "config.resolved.yaml").is_file()  # the failed start left its record
+    fixed = [*SFT, "stage.max_steps=2", "stage.checkpoint_interval=0"] + ([f"resume={resume}"] if resume else [])
+    assert launch.run(compose(fixed), run_dir) == 0  # the same folder takes the fixed config
+    assert (run_dir / "sft" / "final").is_dir()
+    assert "max_steps: 2" in (run_dir / "config.resolved.yaml").read_text()

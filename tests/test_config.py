@@ -131,7 +131,7 @@ def test_gpu_preset_without_gpus_stops_with_a_clear_message(tmp_path: Path) -> N
     assert "hardware=1xA100-80G needs CUDA GPUs and none is visible here" in result.stdout + result.stderr
 
 
-def test_each_pipeline_stage_gets_its_own_optimizer_settings(dist_process_group) -> None:
+def test_each_pipeline_stage_gets_its_own_optimizer_settings(tmp_path: Path, dist_process_group) -> None:
     from rlhf.stages.reward import RewardTrainer
     from rlhf.tracking import Tracker
 
@@ -149,7 +149,7 @@ def test_each_pipeline_stage_gets_its_own_optimizer_settings(dist_process_group)
     assert reward.optimizer.lr == 3e-5 and reward.optimizer.schedule == "cosine"
     assert ppo.optimizer.schedule == "constant" and ppo.optimizer.actor_lr == 2e-6 and ppo.optimizer.lr == 1e-3
     reward.stage.max_steps = 2
-    trainer = RewardTrainer(reward, Path("."), Tracker(reward, "reward", Path("."), rank=1))
+    trainer = RewardTrainer(reward, tmp_path, Tracker(reward, "reward", tmp_path, rank=1))  # not in the cwd
     trainer.setup()
     assert trainer.engine.get_lr()[0] == pytest.approx(3e-5 / 2)  # the reward stage's LR, in its warmup (2 steps)
 

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf import dist, models
-from rlhf.config import DType, compose
+from rlhf.config import ConfigError, DType, compose
 from rlhf.data.tokenize import used_columns
 from rlhf.models import merged_lora
 from rlhf.ppo import functional as F
@@ -337,21 +337,18 @@ def test_two_ranks_sample_different_responses_to_the_same_prompt(dist_process_gr
     assert not torch.equal(rank0, rank1)
 
 
-def test_ema_is_updated_after_every_actor_optimizer_step(dist_process_group) -> None:
+def function_reward_trainer(*overrides: str) -> PPOTrainer:
+    """A one-iteration PPO trainer on tiny models, rewarded by a function of the response text."""
     cfg = compose(
-        [
-            *PPO_SMALL,
-            "logger=none",
-            "stage.max_steps=1",
-            "stage.ema_beta=0.5",
-            "stage.ppo_epochs=2",
-            "stage.mini_batches=2",
-            "hardware.micro_batch=4",
-            "eval.gold_prompts=0",
-        ]
+        [*PPO_SMALL, "logger=none", "stage.max_steps=1", "hardware.micro_batch=4", "eval.gold_prompts=0", *overrides]
     )
     engine = RLHFEngine(cfg, reward_fn=lambda prompts, responses: [float(len(r) % 3) for r in responses])
-    trainer = PPOTrainer(cfg, engine=engine)
+    return PPOTrainer(cfg, engine=engine)
+
+
+def test_ema_is_updated_after_every_actor_optimizer_step(dist_process_group) -> None:
+    trainer = function_reward_trainer("stage.ema_beta=0.5", "stage.ppo_epochs=2", "stage.mini_batches=2")
+    engine = trainer.engine
     before = {n: t.clone() for n, t in trainer.ema.items()}
     for prompts in trainer.prompt_batches():
         trainer.train_step(trainer.generate_experience(prompts))
@@ -359,3 +356,41 @@ def test_ema_is_updated_after_every_actor_optimizer_step(dist_process_group) -> 
     actor = trainer._actor_state()
     name = next(n for n in actor if "q_proj" in n)
     assert not torch.equal(trainer.ema[name], before[name]) and not torch.equal(trainer.ema[name], actor[name])
+
+
+def test_samples_per_prompt_repeats_each_prompt_and_steps_on_all_its_rollouts(dist_process_group) -> None:
+    trainer = function_reward_trainer(
+        "stage.global_batch=4", "stage.samples_per_prompt=3", "stage.ppo_epochs=1", "stage.mini_batches=3"
+    )
+    engine = trainer.engine
+    batch = next(trainer.prompt_batches())
+    prompts = [row["prompt"] for row in batch]
+    assert len(batch) == 12 and len(set(prompts)) == 4
+    assert all(prompts[i] == prompts[i - i % 3] for i in range(12))  # each prompt 3 times in a row
+    exp = trainer.generate_experience(batch)
+    assert len({tuple(s.tolist()) for s in exp.sequences[:3]}) > 1  # sampled apart, not copied
+    trainer.train_step(exp)
+    assert engine.actor.global_steps == 3  # 12 rollouts in 3 mini-batches of one micro-batch each
+
+
+def test_rollouts_that_do_not_split_into_mini_batches_are_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="12 rollouts must split into stage.mini_batches=5"):
+        compose([*PPO_SMALL, "stage.global_batch=4", "stage.samples_per_prompt=3", "stage.mini_batches=5"])
+
+
+def test_a_group_estimator_builds_trains_and_checkpoints_no_critic(dist_process_group) -> None:
+    trainer = function_reward_trainer("stage.global_batch=4", "stage.samples_per_prompt=2", "stage.advantage=rloo")
+    engine = trainer.engine
+    assert engine.critic is None and list(trainer.engines()) == ["actor"]
+    exp = trainer.generate_experience(next(trainer.prompt_batches()))
+    pairs = (exp.scores - trainer.kl_ctl.value * exp.kl).view(-1, 2)
+    expected = torch.stack([pairs[:, 0] - pairs[:, 1], pairs[:, 1] - pairs[:, 0]], dim=1).flatten()
+    assert exp.advantages[:, 0].tolist() == pytest.approx(expected.tolist(), abs=1e-5)  # token 0 is always valid
+    assert torch.equal(exp.advantages, exp.advantages[:, :1] * exp.response_mask)  # one per response, 0 after it
+    stats = trainer.train_step(exp)
+    assert "value_loss" not in stats and engine.actor.global_steps >= 1
+
+
+def test_a_group_estimator_needs_two_samples_per_prompt() -> None:
+    with pytest.raises(ConfigError, match="stage.advantage=grpo compares each response"):
+        compose([*PPO_SMALL, "stage.advantage=grpo"])

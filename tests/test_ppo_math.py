@@ -199,3 +199,16 @@ def test_ptx_blocks_never_repeat_across_ranks_epochs_and_iterations_before_the_c
                     seen += F.ptx_block_indices(iteration * epochs + epoch, rank, world, per_rank, row, micro, n_blocks)
     assert sorted(seen) == list(range(n_blocks))
     assert F.ptx_block_indices(iterations * epochs, 0, world, per_rank, 0, 2, n_blocks) == [0, 1]  # then it wraps
+
+
+def test_group_advantages_against_hand_computed_values() -> None:
+    returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])  # two prompts of 4 samples
+    # rloo: r_i minus the mean of the other three
+    rloo = F.group_advantages(returns, 4, "rloo")
+    assert rloo.tolist() == pytest.approx([1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3, 0, 0, 0, 0])
+    # grpo: (r - 0.5) / unbiased std of [1, 0, 0, 1] (= sqrt(1/3)); a group that agrees gets 0, not a division by 0
+    grpo = F.group_advantages(returns, 4, "grpo")
+    std = math.sqrt(1 / 3)
+    assert grpo.tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std, 0, 0, 0, 0], rel=1e-3)
+    with pytest.raises(ValueError, match="unknown group estimator"):
+        F.group_advantages(returns, 4, "gae")

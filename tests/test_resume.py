@@ -150,8 +150,10 @@ def test_sigterm_saves_a_checkpoint_on_every_rank_and_exits_within_a_minute(hard
     for path in [p for p in tmp_path.rglob("*") if p.is_file()]:  # secrets never reach configs, logs or W&B files
         data = path.read_bytes()
         assert not any(secret.encode() in data for secret in SECRETS.values()), path
-    if hardware == "cpu-2proc":  # two processes resume too, and finish as one W&B run
-        resumed = run_cli([*args, f"resume={run_dir}"], tmp_path)
+    command = re.search(r"continue with: rlhf (.*)", text).group(1).split()
+    assert command == [f"resume={run_dir}", *args]  # the exact command, not a placeholder
+    if hardware == "cpu-2proc":  # two processes resume too (by the printed command), and finish as one W&B run
+        resumed = run_cli(command, tmp_path)
         assert resumed.returncode == 0, output(resumed)[-3000:]
         summary = read_summary(run_dir, "sft")
         assert summary["world_size"] == 2 and summary["steps"] == 8 and summary["resumed_from_step"] == manifest["step"]

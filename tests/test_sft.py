@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import subprocess
 from pathlib import Path
 
@@ -135,3 +137,15 @@ def test_sft_trains_on_a_blend_of_builtin_and_a_local_jsonl(tmp_path: Path) -> N
     run = wandb_runs(single_run_dir(tmp_path))[0]
     summary = inspect_wandb(run)["summary"]
     assert summary["data/sft/builtin"] == summary["data/sft/mine.jsonl"] == 54  # (72 + 36) rows, half each
+
+
+def test_an_empty_eval_split_gives_no_eval_loss_not_zero(lora_trainer: SFTTrainer, caplog) -> None:
+    kept = lora_trainer.eval_examples
+    lora_trainer.eval_examples = []
+    try:
+        with caplog.at_level(logging.WARNING):
+            loss = lora_trainer.evaluate()
+    finally:
+        lora_trainer.eval_examples = kept
+    assert math.isnan(loss)
+    assert "the eval split has no answer tokens: no eval loss" in caplog.text

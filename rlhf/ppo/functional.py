@@ -118,6 +118,18 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def group_advantages(returns: torch.Tensor, group: int, estimator: str) -> torch.Tensor:
+    """One advantage per response from its return and those of the other responses to the same prompt (`group`
+    consecutive rows each): rloo subtracts the mean of the others (leave-one-out), grpo standardises within the
+    group ((r - mean) / (std + 1e-4), 0 where all agree). [B] -> [B]."""
+    r = returns.view(-1, group)
+    if estimator == "rloo":
+        return (r - (r.sum(dim=1, keepdim=True) - r) / (group - 1)).flatten()
+    if estimator == "grpo":
+        return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-4)).flatten()
+    raise ValueError(f"unknown group estimator {estimator!r} (rloo or grpo)")
+
+
 def policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from rlhf import dist, engine, gold, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
-from rlhf.config import cache_dir, world_size
+from rlhf.config import cache_dir, ppo_rollouts, world_size
 from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
 from rlhf.data.cache import cache_key, shared
 from rlhf.data.tokenize import (
@@ -86,7 +86,7 @@ class RLHFEngine:
         self.actor_zero = hw_zero if stage.actor_zero_stage < 0 else stage.actor_zero_stage
         critic_zero = hw_zero if stage.critic_zero_stage < 0 else stage.critic_zero_stage
         started = time.perf_counter()
-        per_rank = stage.global_batch // world_size(cfg)
+        per_rank = ppo_rollouts(stage) // world_size(cfg)
         optimizer_steps = total_steps * stage.ppo_epochs * stage.mini_batches
         accumulation = per_rank // (stage.mini_batches * cfg.hardware.micro_batch)  # micro-batches per update
 
@@ -114,6 +114,30 @@ class RLHFEngine:
             self.reward = engine.initialize_frozen(reward, cfg, hw_zero)
             self.reward_tokenizer = load_saved_tokenizer(stage.reward_from)
             self.reward_stats = models.reward_stats(stage.reward_from)
+        self.critic = None  # the group estimators' baseline is the prompt's other samples: no critic
+        if stage.advantage == "gae":
+            critic = self._build_critic()
+            self.critic = engine.initialize(
+                critic,
+                cfg,
+                optimizer_steps,
+                lr=cfg.optimizer.critic_lr,
+                zero_stage=critic_zero,
+                accumulation=accumulation,
+            )
+        log.info(
+            "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), reference, %s, reward %s",
+            time.perf_counter() - started,
+            self.actor_zero,
+            self.lora_modules,
+            f"critic ZeRO-{critic_zero}" if self.critic else f"no critic ({stage.advantage})",
+            stage.reward_from or "function",
+        )
+
+    def _build_critic(self) -> models.RewardModel:
+        """The critic: the reward model (or `stage.critic_from`) on the normalised scores' scale, else a fresh
+        head on the reward_model backbone."""
+        cfg, stage = self.cfg, self.cfg.stage
         critic_source = stage.critic_from or stage.reward_from
         if critic_source:
             critic_vocab = (
@@ -131,22 +155,12 @@ class RLHFEngine:
                 critic_stats = critic_stats or models.reward_stats(critic_source)
                 critic.normalize_output(critic_stats["mean"], critic_stats["std"])
         else:  # a reward function and no reward model: a fresh head on the reward_model backbone
-            lm = models.load_causal_lm(cfg.reward_model, self.tokenizer, cfg.seed, "", root)
+            lm = models.load_causal_lm(cfg.reward_model, self.tokenizer, cfg.seed, "", cache_dir(cfg))
             critic = models.reward_model_from_lm(lm)
         if stage.disable_dropout:
             models.disable_dropout(critic)
         models.prepare_for_training(critic, cfg.reward_model)
-        self.critic = engine.initialize(
-            critic, cfg, optimizer_steps, lr=cfg.optimizer.critic_lr, zero_stage=critic_zero, accumulation=accumulation
-        )
-        log.info(
-            "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), reference, critic ZeRO-%d, reward %s",
-            time.perf_counter() - started,
-            self.actor_zero,
-            self.lora_modules,
-            critic_zero,
-            stage.reward_from or "function",
-        )
+        return critic
 
     def generation_mode(self):
         """The actor to generate with (see rollout.GenerationModel): eval mode, LoRA folded in, gathered under
@@ -155,12 +169,14 @@ class RLHFEngine:
 
     def eval_mode(self) -> None:
         """Actor and critic without dropout: experience and evaluation must see the policy PPO compares against."""
-        self.actor.module.eval()
-        self.critic.module.eval()
+        for model in (self.actor, self.critic):
+            if model is not None:
+                model.module.eval()
 
     def train_mode(self) -> None:
-        self.actor.module.train()
-        self.critic.module.train()
+        for model in (self.actor, self.critic):
+            if model is not None:
+                model.module.train()
 
     @torch.no_grad()
     def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> rollout.Rollout:
@@ -316,6 +332,7 @@ class PPOTrainer:
             cfg.eval.gold_split,
             self.total_steps,
             stage.global_batch,
+            stage.samples_per_prompt,
             self.world,
         )
 
@@ -360,12 +377,12 @@ class PPOTrainer:
         return shared(cache_dir(cfg), cache_key(cfg.data, self.name, self.tokenizer), build, cfg.data.rebuild)
 
     def prompt_batches(self) -> Iterator[list[dict]]:
-        """This rank's prompts ({prompt, input_ids}) for each remaining iteration: a pure function of (seed, step)."""
+        """This rank's prompts ({prompt, input_ids}) for each remaining iteration, each `samples_per_prompt` times
+        in a row: a pure function of (seed, step)."""
+        stage = self.cfg.stage
         while self.step < self.total_steps:
-            mine = batch_indices(
-                len(self.prompts), self.cfg.stage.global_batch, self.cfg.seed, self.step, self.rank, self.world
-            )
-            yield [self.prompts[i] for i in mine]
+            mine = batch_indices(len(self.prompts), stage.global_batch, self.cfg.seed, self.step, self.rank, self.world)
+            yield [self.prompts[i] for i in mine for _ in range(stage.samples_per_prompt)]
 
     # 2. experience: sample, then score with the four models
     @torch.no_grad()
@@ -393,8 +410,10 @@ class PPOTrainer:
         else:
             logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
         ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
-        device = eng.critic.device
-        values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
+        values = torch.zeros_like(logprobs)
+        if eng.critic is not None:
+            device = eng.critic.device
+            values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
         raw = eng.score(prompt_texts, texts, sequences, mask)
         scores = raw.clone()
         if stage.normalize_reward and eng.reward is not None:
@@ -406,9 +425,13 @@ class PPOTrainer:
         m = resp_mask.float()
         kl = F.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
         rewards = F.shaped_rewards(scores, kl, m, self.kl_ctl.value)
-        advantages, returns = F.gae(rewards, values * m, m, stage.gamma, stage.lam)
-        if stage.whiten_advantages:  # over the global batch: every rank's advantages on one scale
-            advantages = F.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
+        if stage.advantage == "gae":
+            advantages, returns = F.gae(rewards, values * m, m, stage.gamma, stage.lam)
+            if stage.whiten_advantages:  # over the global batch: every rank's advantages on one scale
+                advantages = F.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
+        else:  # each prompt's samples are consecutive rows of this rank's batch (prompt_batches)
+            group = F.group_advantages(rewards.sum(dim=1), stage.samples_per_prompt, stage.advantage)
+            advantages, returns = group[:, None] * m, torch.zeros_like(rewards)
         self._last_texts = list(zip(prompt_texts, texts, raw.tolist(), strict=True))
         gold_scores = [
             builtin.score(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")
@@ -436,7 +459,7 @@ class PPOTrainer:
         eng, stage = self.engine, self.cfg.stage
         width = exp.sequences.shape[1] - exp.response_mask.shape[1]
         micro = self.cfg.hardware.micro_batch
-        actor_dev, critic_dev = eng.actor.device, eng.critic.device
+        actor_dev = eng.actor.device
         sums: dict[str, float] = {}
         count = 0
         eng.train_mode()
@@ -471,18 +494,24 @@ class PPOTrainer:
                 if self.ema is not None and eng.actor.global_steps != actor_steps:
                     self._update_ema()  # after every actor optimizer step, as DeepSpeed-Chat does
 
-                m = m.to(critic_dev)
-                values = eng.critic(seq.to(critic_dev), mask.to(critic_dev), per_token=True)[:, prompt - 1 : -1]
-                old_values = exp.values[idx, :length].to(critic_dev)
-                returns = exp.returns[idx, :length].to(critic_dev)
-                v_loss, v_clipfrac = F.value_loss(values.float(), old_values, returns, m, stage.value_clip)
-                self.guard.backward_step(eng.critic, v_loss)
-                stats |= {"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()}
+                if eng.critic is not None:
+                    stats |= self._critic_step(exp, idx, length, seq, mask, prompt, m)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         self.step += 1
         return {k: v / count for k, v in sums.items()}
+
+    def _critic_step(self, exp: Experience, idx, length: int, seq, mask, prompt: int, m) -> dict[str, float]:
+        """One clipped value-loss update of the critic on a micro-batch (GAE's returns as targets)."""
+        critic = self.engine.critic
+        m = m.to(critic.device)
+        values = critic(seq.to(critic.device), mask.to(critic.device), per_token=True)[:, prompt - 1 : -1]
+        old_values = exp.values[idx, :length].to(critic.device)
+        returns = exp.returns[idx, :length].to(critic.device)
+        v_loss, v_clipfrac = F.value_loss(values.float(), old_values, returns, m, self.cfg.stage.value_clip)
+        self.guard.backward_step(critic, v_loss)
+        return {"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()}
 
     def _ptx_loss(self, pass_index: int, row: int, count: int, per_rank: int) -> torch.Tensor:
         """The language-model loss on pre-training blocks of this rank's own (see F.ptx_block_indices)."""
@@ -565,9 +594,9 @@ class PPOTrainer:
         total = gen_s_total + progress["train_s"]
         return {
             "steps": self.step,
-            "samples": self.step * stage.global_batch,
+            "samples": self.step * ppo_rollouts(stage),
             "train_s": total,
-            "samples_per_s": len(history) * stage.global_batch / total if total else 0.0,
+            "samples_per_s": len(history) * ppo_rollouts(stage) / total if total else 0.0,
             "s_per_step": total / len(history) if history else float("nan"),
             "gen_time_frac": rollout_s_total / total if total else float("nan"),
             "experience_time_frac": gen_s_total / total if total else float("nan"),
@@ -618,7 +647,6 @@ class PPOTrainer:
             **{f"ppo/{k}": v for k, v in stats.items()},
             "ppo/response_len": len_sum / n_rows,
             "ppo/eos_rate": eos_sum / n_rows,
-            "ppo/value_explained_var": F.explained_variance(exp.values, exp.returns, m, dist.all_reduce_sum),
             "ppo/actor_lr": self.engine.actor.get_lr()[0],
             "perf/gen_tokens_per_s": len_sum / self.rollout_s,
             "perf/train_tokens_per_s": train_tokens / train_s,
@@ -626,6 +654,8 @@ class PPOTrainer:
             "perf/experience_time_frac": gen_s / (gen_s + train_s),
             "perf/step_s": gen_s + train_s,
         }
+        if self.engine.critic is not None:
+            metrics["ppo/value_explained_var"] = F.explained_variance(exp.values, exp.returns, m, dist.all_reduce_sum)
         self.kl_ctl.update(kl_mean, int(n_rows))
         return metrics | self._rollout_gold(exp)
 
@@ -737,6 +767,8 @@ class PPOTrainer:
 
     # 6. checkpoints (rlhf.checkpoint): both trained engines, and the loop state, KL coefficient and EMA
     def engines(self) -> dict:
+        if self.engine.critic is None:
+            return {"actor": self.engine.actor}
         return {"actor": self.engine.actor, "critic": self.engine.critic}
 
     def state_dict(self) -> dict:

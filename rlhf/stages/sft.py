@@ -174,7 +174,8 @@ class SFTTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean answer-token loss on (up to `eval_max_batches` micro-batches per rank of) the eval split."""
+        """Mean answer-token loss on (up to `eval_max_batches` micro-batches per rank of) the eval split; nan when
+        the split is empty."""
         eng = self.engine
         eng.eval()
         share = len(self.eval_examples) // self.world
@@ -188,7 +189,11 @@ class SFTTrainer:
             count += n
         eng.train()
         loss_sum, count = dist.all_reduce_sum([loss_sum, count])
-        loss = loss_sum / max(count, 1)
+        if count == 0:  # nothing to evaluate: no figure rather than a loss of 0
+            if self.rank == 0:
+                log.warning("sft eval at step %d: the eval split has no answer tokens: no eval loss", self.step)
+            return float("nan")
+        loss = loss_sum / count
         if self.rank == 0:
             log.info(
                 "sft eval at step %d: loss %.4f, ppl %.4g (%d answer tokens)",
