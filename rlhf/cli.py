@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from contextlib import suppress
 from pathlib import Path
 
 import hydra
@@ -11,15 +13,66 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf.config import CONF_DIR, ConfigError, prepare, register_configs, validate
+from rlhf.config import CONF_DIR, ConfigError, prepare, recorded_overrides, register_configs, validate
 
 log = logging.getLogger("rlhf")
 
 register_configs()
 
 
+def main() -> None:
+    """`rlhf`: overrides that do not compose (a misspelt key, a bad type, an unknown option) are one message and exit
+    code 2, like every other bad input; then the Hydra app runs. Hydra's own flags (-m, --cfg, --help, ...) go
+    straight to it."""
+    overrides = sys.argv[1:]
+    if len(overrides) == 1 and overrides[0].startswith("resume=") and overrides[0] != "resume=auto":
+        overrides = recorded_overrides(Path(overrides[0].split("=", 1)[1])) + overrides
+        sys.argv[1:] = overrides
+    if not any(arg.startswith("-") for arg in overrides):
+        problem = composition_problem(overrides)
+        if problem:
+            print(f"rlhf: invalid config: {problem}", file=sys.stderr)
+            sys.exit(2)
+    hydra_main()
+
+
+def composition_problem(overrides: list[str]) -> str | None:
+    """Why these overrides do not compose into a config, or None (rule violations are left to `validate`). For a
+    key the schemas lack, the closest option rather than Hydra's hint to add it with `+`."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlhf.config import compose, unknown_keys
+
+    try:
+        compose(overrides)
+    except ConfigError:
+        return None
+    except (HydraException, OmegaConfBaseException) as err:
+        missing = re.match(r"Could not override '([^']+)'", str(err))
+        if missing:
+            key = missing.group(1)
+            added = [f"+{o}" if o.split("=", 1)[0] == key else o for o in overrides]
+            with suppress(HydraException, OmegaConfBaseException, ConfigError):
+                from hydra import compose as hydra_compose
+                from hydra import initialize_config_dir
+
+                with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                    problems = unknown_keys(hydra_compose(config_name="config", overrides=added))
+                if problems:
+                    return "; ".join(problems)
+        choice = re.search(r"Could not find '([\w/]+)/([^']+)'", str(err))
+        if choice:
+            group, name = choice.groups()
+            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+            return f"{group.replace('/', '.')}={name}: no such option; choose one of {', '.join(options)}"
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        return f"{err}{cause}".replace("\n", " ")
+    return None
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """Validate the composed config, then run the chosen stage in this process or in launched workers."""
     note = prepare(cfg)
     if note:
@@ -33,7 +86,9 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.logger.group:
-        cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # one W&B group per sweep, named like its folder
+        from rlhf.tracking import run_group
+
+        cfg.logger.group = run_group(Path(hydra_cfg.sweep.dir))  # one W&B group per sweep, named like its folder
     if cfg.dry_run:
         from rlhf.plan import dry_run
 

@@ -699,6 +699,15 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
     return merged
 
 
+def recorded_overrides(run_dir: Path) -> list[str]:
+    """The overrides a run started with (Hydra's record in the run directory), without `resume`: `rlhf
+    resume=<dir>` alone continues the run with them."""
+    record = run_dir / ".hydra" / "overrides.yaml"
+    if not record.is_file():
+        return []
+    return [str(o) for o in OmegaConf.load(record) if not str(o).startswith("resume=")]
+
+
 def save_resolved(cfg: DictConfig, folder: Path) -> Path:
     """Write the resolved config where worker processes read it (no Hydra composition per rank). `resume` belongs to
     one invocation, not to the run, so it is written empty (workers get it on their command line)."""

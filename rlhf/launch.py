@@ -17,7 +17,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from rlhf import checkpoint, dist
 from rlhf.checkpoint import CheckpointError, Preempted, config_diff
@@ -26,6 +26,7 @@ from rlhf.config import (
     RESOLVED_CONFIG_NAME,
     Accelerator,
     load_resolved,
+    recorded_overrides,
     save_resolved,
     world_size,
 )
@@ -142,11 +143,9 @@ def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
 
 def resume_command(run_dir: Path) -> str:
     """The command that continues the run in `run_dir`: its overrides as Hydra recorded them, with resume set."""
-    recorded = run_dir / ".hydra" / "overrides.yaml"
-    if not recorded.is_file():  # started from Python, not by `rlhf`
+    if not (run_dir / ".hydra" / "overrides.yaml").is_file():  # started from Python, not by `rlhf`
         return f"rlhf resume={run_dir} <the overrides it started with>"
-    kept = [str(o) for o in OmegaConf.load(recorded) if not str(o).startswith("resume=")]
-    return " ".join(["rlhf", f"resume={run_dir}", *(shlex.quote(o) for o in kept)])
+    return " ".join(["rlhf", f"resume={run_dir}", *(shlex.quote(o) for o in recorded_overrides(run_dir))])
 
 
 def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:

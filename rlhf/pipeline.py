@@ -20,8 +20,8 @@ RESULT_KEYS = {  # the quality figures a stage's row shows, start -> end
     "sft": [("eval_loss_start", "eval_loss", "eval loss"), ("gold_score_start", "gold_score", "gold")],
     "reward": [("eval_acc_start", "eval_acc", "held-out acc")],
     "ppo": [
-        ("reward_first", "reward_last", "train reward"),
-        ("reward_start", "reward", "held-out reward"),
+        ("reward_first", "reward_last", "train reward (normalised score)"),
+        ("reward_start", "reward", "held-out reward (raw score)"),
         ("gold_score_start", "gold_score", "gold"),
     ],
 }
@@ -149,11 +149,41 @@ def next_step_hint(summary: dict) -> str:
     return f"chat with it: rlhf-chat {output}"
 
 
+UNITS = {"sft": "SFT examples", "reward": "reward pairs", "ppo": "PPO prompts"}
+
+
+def check_stage_data(cfg: DictConfig, names: list[str]) -> str | None:
+    """Why a stage would run out of data, found before the first stage starts (rather than after SFT has trained):
+    too few training rows in the mix for one global batch, naming the pipeline's own key. The reward stage's
+    on-policy pairs are counted only once sampled, so that stage is checked from its static pairs only when it uses
+    no on-policy pairs."""
+    from rlhf.data import DataError, stage_rows
+
+    for name in names:
+        sub = stage_config(cfg, name).stage
+        if name == "reward" and sub.onpolicy.samples_per_prompt > 0:
+            continue
+        try:
+            count = len(stage_rows(cfg.data, name).train)
+        except DataError as err:
+            return str(err)
+        if count < sub.global_batch:
+            return (
+                f"the data mix gives stage {name} {count} {UNITS[name]}, fewer than one global batch "
+                f"(stage.{name}.global_batch={sub.global_batch}): lower it or add data"
+            )
+    return None
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> int:
     """Run `stage.stages` in order; stop at the first stage that fails and return its exit code."""
     from rlhf.launch import run_stage
 
     names = list(cfg.stage.stages)
+    problem = check_stage_data(cfg, [n for n in names if not (run_dir / n / "summary.json").is_file()])
+    if problem:
+        log.error("pipeline not started: %s", problem)
+        return 2
     outputs: dict[str, str] = {}
     summaries: list[dict] = []
     started = time.perf_counter()

@@ -38,6 +38,17 @@ def resolve_mode(mode: LoggerMode) -> str:
     return mode.value
 
 
+def run_group(run_dir: Path) -> str:
+    """The W&B group of a run: its folder with the date folder above it (`2026-12-02_01-02-03-pipeline-tiny`), so runs
+    started at the same time on different days do not share a group."""
+    return f"{run_dir.parent.name}_{run_dir.name}" if run_dir.parent.name else run_dir.name
+
+
+def run_name(stage: str, run_dir: Path) -> str:
+    """A W&B run name: the stage, then the run folder's name unless that already names the stage."""
+    return run_dir.name if f"-{stage}-" in f"-{run_dir.name}-" else f"{stage}-{run_dir.name}"
+
+
 class Tracker:
     """A W&B run for one stage, or a no-op on other ranks and with `logger=none`. Use as a context manager."""
 
@@ -52,8 +63,7 @@ class Tracker:
         from rlhf.config import cache_dir, world_size
         from rlhf.plan import model_params
 
-        group = cfg.logger.group or run_dir.name
-        name = cfg.run_name or f"{stage}-{cfg.model.name}-{run_dir.name}"
+        group, name = cfg.logger.group or run_group(run_dir), cfg.run_name or run_name(stage, run_dir)
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         trained = cfg.reward_model if stage == "reward" else cfg.model
         params = model_params(trained, cache_dir(cfg))  # sweep axes the W&B UI can chart
@@ -118,4 +128,21 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.finish(exit_code=0 if exc_type is None else 1)
+        self.finish(exit_code=exit_code_of(exc))
+
+
+def exit_code_of(error: BaseException | None) -> int:
+    """The exit code `rlhf` gives for a stage that ended with `error`, so W&B records the same: 0, 128 + the signal
+    for a stop with a checkpoint, 2 for unusable input, 3 for too many non-finite steps, else 1."""
+    from rlhf.checkpoint import CheckpointError, Preempted
+    from rlhf.data import DataError
+    from rlhf.guard import NonFiniteError
+    from rlhf.models import ModelError
+
+    if error is None:
+        return 0
+    if isinstance(error, Preempted):
+        return 128 + error.signum
+    if isinstance(error, ModelError | DataError | CheckpointError):
+        return 2
+    return 3 if isinstance(error, NonFiniteError) else 1

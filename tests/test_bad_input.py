@@ -262,6 +262,13 @@ CASES = [
         prepare=data_file("bad.jsonl", [json.dumps({"prompt": "a"})]),
         kind="run",
     ),
+    Case(
+        "too little data for a later stage, found before the first",
+        [*TINY, "stage.sft.global_batch=4", "stage.reward.onpolicy.samples_per_prompt=0"],
+        "reward pairs, fewer than one global batch (stage.reward.global_batch=16): lower it or add data",
+        prepare=data_file("small.jsonl", [PAIR] * 40),
+        kind="run",
+    ),
     # checkpoints and run directories
     Case("run directory already used", SFT, "already holds a run", prepare=existing_run, kind="run"),
     Case("resume with another config", SFT, "optimizer.lr: 0.001 -> 0.002", prepare=resume_with_another_lr, kind="run"),

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from rlhf.config import CONF_DIR, ConfigError, compose, grad_accum_steps, stage_config, world_size
 from tests.conftest import run_cli
 
+README = Path(__file__).parent.parent / "README.md"
 GROUPS = ["model", "hardware", "stage", "data", "optimizer", "logger", "experiment"]
 
 
@@ -105,16 +108,18 @@ def test_cli_prints_the_composed_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["model.dtyp=bf16"], "Key 'dtyp' not in 'ModelConfig'"),
+        (["model.dtyp=bf16"], "model.dtyp is not an option of ModelConfig (did you mean model.dtype?)"),
+        (["stage=sft", "stage.max_step=3"], "stage.max_step is not an option of SFTStageConfig (did you mean"),
         (["hardware.zero_stage=abc"], "could not be converted to Integer"),
         (["hardware.precision=fp8"], "Invalid value 'fp8', expected one of [auto, fp32, bf16, fp16]"),
-        (["model=no-such-model"], "Could not find 'model/no-such-model'"),
+        (["model=no-such-model"], "model=no-such-model: no such option; choose one of llama-2-7b, local, opt-1.3b"),
     ],
 )
-def test_cli_schema_errors_exit_non_zero(tmp_path: Path, args: list[str], fragment: str) -> None:
+def test_cli_schema_errors_are_one_message_and_exit_2(tmp_path: Path, args: list[str], fragment: str) -> None:
     result = run_cli(args, tmp_path)
-    assert result.returncode != 0
-    assert fragment in result.stderr
+    assert result.returncode == 2  # bad input, as every other kind
+    assert fragment in result.stderr and "Traceback" not in result.stderr and "use +" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.safetensors"))
 
 
@@ -176,3 +181,42 @@ def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(tmp_path: Path) -
     assert compose(["stage=sft"]).hardware.precision == expected  # resolved when the run is composed
     assert compose(["stage=sft", "hardware.precision=fp32"]).hardware.precision == "fp32"
     assert compose(["experiment=tiny", "stage=sft"]).hardware.precision == "fp32"  # tiny models pin fp32
+
+
+def deepspeed_chat_rows() -> list[tuple[str, list[str]]]:
+    """The README's DeepSpeed-Chat map: (flag, overrides) per row that names overrides."""
+    text = README.read_text().split("## Coming from DeepSpeed-Chat", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`"):
+            rows.append((cells[0], re.split(r" (?![^\[]*\])", cells[1].strip("`"))))  # spaces outside [...]
+    return rows
+
+
+@pytest.mark.parametrize(("flag", "overrides"), deepspeed_chat_rows(), ids=[r[0] for r in deepspeed_chat_rows()])
+def test_each_deepspeed_chat_flag_maps_to_an_override_that_takes_its_value(flag: str, overrides: list[str]) -> None:
+    cfg = compose(overrides)
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if key == "experiment":  # a preset: it composes and validates
+            continue
+        if "." not in key:  # a group choice: model@reward_model=opt-350m, optimizer=adamw-offload
+            assert OmegaConf.select(cfg, key.split("@")[-1]).name == value, flag
+            continue
+        expected, actual = yaml.safe_load(value), OmegaConf.select(cfg, key, throw_on_missing=True)
+        actual = OmegaConf.to_container(actual) if OmegaConf.is_config(actual) else actual
+        if isinstance(expected, str) and isinstance(actual, float):  # YAML reads 5e-6 (no dot) as text
+            expected = float(expected)
+        if isinstance(expected, list) and expected and isinstance(expected[0], dict):
+            actual = [{k: row[k] for k in want} for row, want in zip(actual, expected, strict=True)]
+        assert actual == expected, (flag, override, actual)
+
+
+def test_the_deepspeed_chat_map_covers_the_flags_users_ask_for() -> None:
+    flags = " ".join(flag for flag, _ in deepspeed_chat_rows())
+    wanted = "--actor-model --reward-model --deployment-type --step --data_path --data_split --zero_stage --lora_dim"
+    wanted += " --lora_module_name --only_optimize_lora --enable_hybrid_engine --offload --enable_ema --unsup_coef"
+    wanted += " --unsupervised_dataset_name --actor_learning_rate --critic_learning_rate --ppo_epochs"
+    wanted += " --per_device_generation_batch_size --max_prompt_seq_len --max_answer_seq_len"
+    assert [f for f in wanted.split() if f not in flags] == []

@@ -13,7 +13,9 @@ import pytest
 
 from rlhf.chat import Chat, interactive, resolve_model_dir
 from rlhf.config import compose
+from rlhf.pipeline import result_text
 from rlhf.plan import dry_run, plan
+from rlhf.tracking import run_group
 from tests.conftest import run_cli, single_run_dir, wandb_records
 
 SHORT = ["stage.sft.max_steps=12", "stage.reward.max_steps=12", "stage.ppo.max_steps=2", "eval.gold_prompts=8"]
@@ -67,7 +69,7 @@ def test_quickstart_pipeline_runs_three_stages_in_one_group(quickstart_run: Path
 
     runs = wandb_run_records(quickstart_run)
     assert sorted(r["job_type"] for r in runs) == ["ppo", "reward", "sft"]
-    assert {r["run_group"] for r in runs} == {quickstart_run.name}
+    assert {r["run_group"] for r in runs} == {run_group(quickstart_run)}  # the date folder and the run folder
     for run in runs:
         assert config_value(run, "hardware.world_size") == 1
         assert config_value(run, "model.params_m") > 0
@@ -177,7 +179,7 @@ def test_cpu_scaling_sweep_gives_a_run_per_job_and_a_report(sweep_name: str, tmp
     assert len(jobs) == len(expected)
     runs = wandb_run_records(sweep)
     assert len(runs) == len(expected) and len({r["run_group"] for r in runs}) == 1
-    assert runs[0]["run_group"] == sweep.name
+    assert runs[0]["run_group"] == run_group(sweep) == f"{sweep.parent.name}_{sweep.name}"
     axes = {(config_value(r, "model.name"), config_value(r, "hardware.world_size")) for r in runs}
     assert axes == expected
 
@@ -213,3 +215,10 @@ def test_slurm_launcher_composes_from_the_hardware_option() -> None:
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.gpus_per_node == 8 and launcher.nodes == 1
     assert dict(cfg.hydra.sweeper.params) == {"model": "opt-1.3b,opt-6.7b,opt-13b", "hardware": "1xA100-80G,8xA100-80G"}
+
+
+def test_the_ppo_row_labels_the_scale_of_each_reward() -> None:
+    summary = {"stage": "ppo", "reward_first": -0.96, "reward_last": -1.04, "reward_start": 1.23, "reward": 1.49}
+    text = result_text(summary)
+    assert "train reward (normalised score) -0.96 -> -1.04" in text
+    assert "held-out reward (raw score) 1.23 -> 1.49" in text

@@ -152,10 +152,11 @@ def test_sigterm_saves_a_checkpoint_on_every_rank_and_exits_within_a_minute(hard
         assert not any(secret.encode() in data for secret in SECRETS.values()), path
     command = re.search(r"continue with: rlhf (.*)", text).group(1).split()
     assert command == [f"resume={run_dir}", *args]  # the exact command, not a placeholder
-    if hardware == "cpu-2proc":  # two processes resume too (by the printed command), and finish as one W&B run
-        resumed = run_cli(command, tmp_path)
-        assert resumed.returncode == 0, output(resumed)[-3000:]
-        summary = read_summary(run_dir, "sft")
-        assert summary["world_size"] == 2 and summary["steps"] == 8 and summary["resumed_from_step"] == manifest["step"]
-        assert len(stage_runs(run_dir, "sft")) == 2
+    # resumed by the printed command (two processes), or by `rlhf resume=<dir>` alone: the run's recorded overrides
+    resumed = run_cli(command if hardware == "cpu-2proc" else [f"resume={run_dir}"], tmp_path)
+    assert resumed.returncode == 0, output(resumed)[-3000:]
+    summary = read_summary(run_dir, "sft")
+    assert summary["steps"] == 8 and summary["resumed_from_step"] == manifest["step"]
+    if hardware == "cpu-2proc":  # two processes finish as one W&B run
+        assert summary["world_size"] == 2 and len(stage_runs(run_dir, "sft")) == 2
         generate_from(run_dir / "sft" / "final")

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlhf.config import ConfigError, DataConfig, compose
-from rlhf.data import DataError, stage_rows
+from rlhf.data import DataError, plan_steps, stage_rows
 from rlhf.data.sources import RowError, read_local
 
 GOOD = {"question": "What is 1 + 1?", "good": "2", "bad": "3"}
@@ -269,3 +269,13 @@ def test_generic_format_from_a_dataset_folder(tmp_path: Path) -> None:
     )
     data = stage_rows(cfg.data, "sft")
     assert [r["prompt"] for r in data.eval] == ["Qt"] and len(data.train) == 4
+
+
+def test_max_steps_capped_by_the_epochs_says_so(caplog) -> None:
+    stage = OmegaConf.create({"name": "sft", "global_batch": 4, "epochs": 1, "max_steps": 10})
+    with caplog.at_level("WARNING"):
+        assert plan_steps(9, stage, "SFT examples") == (2, 2)
+    assert "sft: max_steps=10 is capped at 2 steps (1 epoch(s) of 9 SFT examples in batches of 4)" in caplog.text
+    caplog.clear()
+    assert plan_steps(9, OmegaConf.merge(stage, {"max_steps": 2}), "SFT examples") == (2, 2)
+    assert "capped" not in caplog.text

@@ -201,4 +201,15 @@ def plan_steps(count: int, stage_cfg: DictConfig, what: str) -> tuple[int, int]:
     if per_epoch == 0:
         raise DataError(f"{count} {what} are fewer than one global batch (stage.global_batch={stage_cfg.global_batch})")
     total = stage_cfg.epochs * per_epoch
+    if stage_cfg.max_steps > total:
+        log.warning(
+            "%s: max_steps=%d is capped at %d steps (%d epoch(s) of %d %s in batches of %d); raise epochs for more",
+            stage_cfg.name,
+            stage_cfg.max_steps,
+            total,
+            stage_cfg.epochs,
+            count,
+            what,
+            stage_cfg.global_batch,
+        )
     return per_epoch, min(total, stage_cfg.max_steps) if stage_cfg.max_steps > 0 else total
