@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
-from contextlib import suppress
 from pathlib import Path
 
 import hydra
@@ -13,7 +11,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf.config import CONF_DIR, ConfigError, prepare, recorded_overrides, register_configs, validate
+from rlhf.config import (
+    CONF_DIR,
+    ConfigError,
+    composition_problem,
+    prepare,
+    recorded_overrides,
+    register_configs,
+    validate,
+)
 
 log = logging.getLogger("rlhf")
 
@@ -34,41 +40,6 @@ def main() -> None:
             print(f"rlhf: invalid config: {problem}", file=sys.stderr)
             sys.exit(2)
     hydra_main()
-
-
-def composition_problem(overrides: list[str]) -> str | None:
-    """Why these overrides do not compose into a config, or None (rule violations are left to `validate`). For a
-    key the schemas lack, the closest option rather than Hydra's hint to add it with `+`."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from rlhf.config import compose, unknown_keys
-
-    try:
-        compose(overrides)
-    except ConfigError:
-        return None
-    except (HydraException, OmegaConfBaseException) as err:
-        missing = re.match(r"Could not override '([^']+)'", str(err))
-        if missing:
-            key = missing.group(1)
-            added = [f"+{o}" if o.split("=", 1)[0] == key else o for o in overrides]
-            with suppress(HydraException, OmegaConfBaseException, ConfigError):
-                from hydra import compose as hydra_compose
-                from hydra import initialize_config_dir
-
-                with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-                    problems = unknown_keys(hydra_compose(config_name="config", overrides=added))
-                if problems:
-                    return "; ".join(problems)
-        choice = re.search(r"Could not find '([\w/]+)/([^']+)'", str(err))
-        if choice:
-            group, name = choice.groups()
-            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
-            return f"{group.replace('/', '.')}={name}: no such option; choose one of {', '.join(options)}"
-        cause = f" ({err.__cause__})" if err.__cause__ else ""
-        return f"{err}{cause}".replace("\n", " ")
-    return None
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import re
+from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -697,6 +698,39 @@ def typed(cfg: DictConfig | dict) -> DictConfig:
     stage = cfg["stage"]
     merged.stage = OmegaConf.merge(OmegaConf.structured(STAGE_SCHEMAS[stage["name"]]), stage)
     return merged
+
+
+def composition_problem(overrides: list[str]) -> str | None:
+    """Why these overrides do not compose into a config, or None (rule violations are left to `validate`). For a
+    key the schemas lack, the closest option rather than Hydra's hint to add it with `+`."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        compose(overrides)
+    except ConfigError:
+        return None
+    except (HydraException, OmegaConfBaseException) as err:
+        missing = re.match(r"Could not override '([^']+)'", str(err))
+        if missing:
+            key = missing.group(1)
+            added = [f"+{o}" if o.split("=", 1)[0] == key else o for o in overrides]
+            with suppress(HydraException, OmegaConfBaseException, ConfigError):
+                from hydra import compose as hydra_compose
+                from hydra import initialize_config_dir
+
+                with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                    problems = unknown_keys(hydra_compose(config_name="config", overrides=added))
+                if problems:
+                    return "; ".join(problems)
+        choice = re.search(r"Could not find '([\w/]+)/([^']+)'", str(err))
+        if choice:
+            group, name = choice.groups()
+            options = sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml"))
+            return f"{group.replace('/', '.')}={name}: no such option; choose one of {', '.join(options)}"
+        cause = f" ({err.__cause__})" if err.__cause__ else ""
+        return f"{err}{cause}".replace("\n", " ")
+    return None
 
 
 def recorded_overrides(run_dir: Path) -> list[str]:

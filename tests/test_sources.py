@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,3 +281,18 @@ def test_max_steps_capped_by_the_epochs_says_so(caplog) -> None:
     caplog.clear()
     assert plan_steps(9, OmegaConf.merge(stage, {"max_steps": 2}), "SFT examples") == (2, 2)
     assert "capped" not in caplog.text
+
+
+def test_rlhf_data_previews_an_sft_only_source_and_answers_help_and_typos_in_one_line(tmp_path: Path) -> None:
+    from rlhf.data.inspect import report
+
+    rows = [json.dumps({"prompt": f"Say {i}", "chosen": f"{i}", "rejected": "No."}) for i in range(20)]
+    source = f"{{path: {write_jsonl(tmp_path / 'sft.jsonl', rows)}, format: pairs, split: [1, 0, 0]}}"
+    text = report(["model=tiny", f"data.sources=[{source}]"])
+    assert "### sft" in text and "No rows for reward: " in text and "No rows for ppo: " in text
+    command = [sys.executable, "-m", "rlhf.data.inspect"]
+    shown = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "`rlhf-data`: what a data option gives each stage" in shown.stdout
+    typo = subprocess.run([*command, "model=tiny", "data.max_prompt=5"], capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 2 and "data.max_prompt is not an option of DataConfig (did you mean" in typo.stderr
+    assert "Traceback" not in typo.stderr

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from rlhf.config import ConfigError, compose
+from rlhf.config import ConfigError, compose, composition_problem
 from rlhf.data import STAGE_INDEX, DataError, ptx_texts, source_label, source_rows, stage_rows
 from rlhf.data.tokenize import PromptFormat, encode_prompts, text_blocks
 from rlhf.progress import markdown_table
@@ -27,18 +27,27 @@ def report(overrides: list[str], examples: int = 2) -> str:
         skipped = ", ".join(f"{k} {v}" for k, v in read.skipped.items()) or "-"
         rows.append({"source": source_label(source), "weight": source.weight, "rows": len(kept), "skipped": skipped})
     lines += [markdown_table(rows), "", "## Training rows per stage (after the split and the blend)"]
-    per_stage = {stage: stage_rows(data, stage) for stage in STAGE_INDEX}
+    per_stage, empty = {}, []
+    for stage in STAGE_INDEX:  # a mix may feed only some stages (an SFT-only source): preview those
+        try:
+            per_stage[stage] = stage_rows(data, stage)
+        except DataError as err:
+            empty.append(f"{stage}: {err}")
+    if not per_stage:
+        raise DataError("; ".join(empty))
     table = []
     for source in data.sources:
         label = source_label(source)
         table.append({"source": label, **{s: d.counts.get(label, 0) for s, d in per_stage.items()}})
     table.append({"source": "eval rows", **{s: len(d.eval) for s, d in per_stage.items()}})
     lines += [markdown_table(table), ""]
+    lines += [f"No rows for {line}" for line in empty] + ([""] if empty else [])
     tokenizer = load_tokenizer(cfg.model)
     fmt = PromptFormat.for_tokenizer(tokenizer, data)
-    prompts = [row["prompt"] for row in per_stage["ppo"].train]
-    _, dropped = encode_prompts(tokenizer, fmt, prompts, data.max_prompt_len)
-    lines.append(f"PPO prompts longer than data.max_prompt_len={data.max_prompt_len} tokens (dropped): {dropped}")
+    if "ppo" in per_stage:
+        prompts = [row["prompt"] for row in per_stage["ppo"].train]
+        _, dropped = encode_prompts(tokenizer, fmt, prompts, data.max_prompt_len)
+        lines.append(f"PPO prompts longer than data.max_prompt_len={data.max_prompt_len} tokens (dropped): {dropped}")
     if data.ptx.path or data.ptx.name:
         texts = ptx_texts(data)
         blocks = text_blocks(tokenizer, texts, data.max_prompt_len + data.max_answer_len)
@@ -56,9 +65,17 @@ def report(overrides: list[str], examples: int = 2) -> str:
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    if any(arg in ("-h", "--help") for arg in args):
+        print(__doc__.strip())
+        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    problem = composition_problem(args)
+    if problem:
+        print(f"error: invalid config: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
-        print(report(sys.argv[1:]))
+        print(report(args))
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
