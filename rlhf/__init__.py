@@ -1,6 +1,6 @@
 """Config-driven InstructGPT-style RLHF: SFT, reward model and PPO on DeepSpeed, composed with Hydra."""
 
-from rlhf.config import compose
+from rlhf.compose import compose
 
 __all__ = ["PPOTrainer", "RLHFEngine", "compose"]
 

@@ -326,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from rlhf.config import ConfigError, compose
+    from rlhf.compose import compose
+    from rlhf.config import ConfigError
     from rlhf.data import DataError
-    from rlhf.launch import configure_process
+    from rlhf.dist import configure_process
     from rlhf.models import ModelError
 
     try:

@@ -10,7 +10,6 @@ Prompts are rendered as in training: the tokenizer's chat template when it has o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,8 +37,9 @@ def resolve_model_dir(path: Path) -> Path:
             if (path / sub / "config.json").is_file():
                 return path / sub
         raise ChatError(f"{path} holds no model (no config.json, nor {', '.join(ACTOR_FOLDERS)})")
-    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    from rlhf.models import saved_model_kind
+
+    if (saved_model_kind(path) or ("",))[0] == "reward model":
         raise ChatError(f"{path} is a reward model, which scores answers rather than writing them: use rlhf-score")
     return path
 

@@ -11,15 +11,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf.config import (
-    CONF_DIR,
-    ConfigError,
-    composition_problem,
-    prepare,
-    recorded_overrides,
-    register_configs,
-    validate,
-)
+from rlhf.compose import composition_problem, recorded_overrides
+from rlhf.config import CONF_DIR, ConfigError, prepare, register_configs
+from rlhf.validation import validate
 
 log = logging.getLogger("rlhf")
 
@@ -68,7 +62,7 @@ def hydra_main(cfg: DictConfig) -> None:
             sys.exit(code)
         return
 
-    from rlhf.launch import run
+    from rlhf.pipeline import run
 
     code = run(cfg, run_dir)
     if code != 0:

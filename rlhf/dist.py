@@ -1,15 +1,34 @@
-"""Process-group helpers: rank, world size, reductions, and gathering full weights under ZeRO-3."""
+"""Process setup (threads, accelerator, backend) and process-group helpers: rank, world size, reductions, and
+gathering full weights under ZeRO-3."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as torch_dist
+from omegaconf import DictConfig
+
+from rlhf.config import Accelerator
 
 SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def configure_process(cfg: DictConfig, local_procs: int) -> None:
+    """Accelerator and thread settings; must run before DeepSpeed is imported."""
+    if cfg.hardware.accelerator == Accelerator.cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        threads = cfg.hardware.threads_per_proc or max(1, (os.cpu_count() or 1) // local_procs)
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op probes log every gcc call
+
+
+def backend(cfg: DictConfig) -> str:
+    return "gloo" if cfg.hardware.accelerator == Accelerator.cpu else "nccl"
 
 
 def is_initialized() -> bool:

@@ -21,55 +21,12 @@ from omegaconf import DictConfig
 
 from rlhf import checkpoint, dist
 from rlhf.checkpoint import CheckpointError, Preempted, config_diff
-from rlhf.config import (
-    PIPELINE_ORDER,
-    RESOLVED_CONFIG_NAME,
-    Accelerator,
-    load_resolved,
-    recorded_overrides,
-    save_resolved,
-    world_size,
-)
+from rlhf.compose import recorded_overrides
+from rlhf.config import PIPELINE_ORDER, RESOLVED_CONFIG_NAME, Accelerator, load_resolved, world_size
 from rlhf.guard import NonFiniteError
 from rlhf.stages import finished_summary
 
 log = logging.getLogger("rlhf")
-
-
-def configure_process(cfg: DictConfig, local_procs: int) -> None:
-    """Accelerator and thread settings; must run before DeepSpeed is imported."""
-    if cfg.hardware.accelerator == Accelerator.cpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        threads = cfg.hardware.threads_per_proc or max(1, (os.cpu_count() or 1) // local_procs)
-        torch.set_num_threads(threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op probes log every gcc call
-
-
-def backend(cfg: DictConfig) -> str:
-    return "gloo" if cfg.hardware.accelerator == Accelerator.cpu else "nccl"
-
-
-def run(cfg: DictConfig, run_dir: Path) -> int:
-    """Run the configured stage, or each stage of a pipeline; return the exit code (0 on success, 2 for unusable
-    input, else the workers')."""
-    if cfg.hardware.accelerator == Accelerator.cuda and not torch.cuda.is_available():
-        log.error(
-            "hardware=%s needs CUDA GPUs and none is visible here; use hardware=cpu or hardware=cpu-2proc",
-            cfg.hardware.name,
-        )
-        return 2
-    problem = check_run_dir(cfg, run_dir)
-    if problem:
-        log.error("%s", problem)
-        return 2
-    if not (run_dir / RESOLVED_CONFIG_NAME).is_file():  # a resumed run keeps the record it started with
-        save_resolved(cfg, run_dir)
-    if cfg.stage.name == "pipeline":
-        from rlhf.pipeline import run_pipeline
-
-        return run_pipeline(cfg, run_dir)
-    return run_stage(cfg, run_dir, run_dir / RESOLVED_CONFIG_NAME)
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -114,8 +71,8 @@ def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
         log.info("stage %s finished earlier in %s: not run again", cfg.stage.name, run_dir)
         return 0
     if world_size(cfg) == 1:
-        configure_process(cfg, 1)
-        dist.init(backend(cfg))  # kept for later stages and multirun jobs: DeepSpeed caches its groups
+        dist.configure_process(cfg, 1)
+        dist.init(dist.backend(cfg))  # kept for later stages and multirun jobs: DeepSpeed caches its groups
         return run_reporting_input_errors(cfg, run_dir)
     return launch_workers(cfg, run_dir, config_path)
 
@@ -126,18 +83,18 @@ def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
     from rlhf import stages
     from rlhf.data import DataError
     from rlhf.models import ModelError
+    from rlhf.tracking import exit_code_of
 
     try:
         stages.run(cfg, run_dir)
-    except (ModelError, DataError, CheckpointError) as err:
-        log.error("stage %s stopped: %s", cfg.stage.name, err)
-        return 2
-    except Preempted as stop:
-        log.warning("stage %s %s; continue with: %s", cfg.stage.name, stop, resume_command(run_dir))
-        return 128 + stop.signum
-    except NonFiniteError as err:
-        log.error("%s", err)
-        return 3
+    except (ModelError, DataError, CheckpointError, Preempted, NonFiniteError) as err:
+        if isinstance(err, Preempted):
+            log.warning("stage %s %s; continue with: %s", cfg.stage.name, err, resume_command(run_dir))
+        elif isinstance(err, NonFiniteError):
+            log.error("%s", err)
+        else:
+            log.error("stage %s stopped: %s", cfg.stage.name, err)
+        return exit_code_of(err)
     return 0
 
 
@@ -152,7 +109,7 @@ def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
     hw = cfg.hardware
     env = dict(os.environ)
     if hw.accelerator == Accelerator.cpu:
-        configure_process(cfg, hw.procs_per_node)
+        dist.configure_process(cfg, hw.procs_per_node)
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(dist.free_port())]
@@ -208,7 +165,7 @@ def worker_main(run_dir: Path, config_path: Path, resume: str) -> None:
     """One rank of a multi-process stage, started by DeepSpeed's launcher."""
     cfg = load_resolved(config_path)
     cfg.resume = resume
-    configure_process(cfg, cfg.hardware.procs_per_node)
+    dist.configure_process(cfg, cfg.hardware.procs_per_node)
     rank = int(os.environ.get("RANK", "0"))
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if rank == 0:
@@ -218,7 +175,7 @@ def worker_main(run_dir: Path, config_path: Path, resume: str) -> None:
         format=f"[%(asctime)s][rank{rank}][%(name)s][%(levelname)s] - %(message)s",
         handlers=handlers,
     )
-    dist.init(backend(cfg))
+    dist.init(dist.backend(cfg))
     try:
         code = run_reporting_input_errors(cfg, run_dir)
     finally:

@@ -153,15 +153,29 @@ def saved_architectures(folder: str | Path) -> list[str]:
         return []
 
 
-def refuse_reward_model_as_lm(folder: str | Path, key: str) -> None:
-    """A ModelError when `folder` holds a reward model (a sequence classifier) where a causal LM is needed: loaded
-    as an LM, its missing head would be initialised at random and the run would train nonsense silently."""
-    classifiers = [a for a in saved_architectures(folder) if a.endswith("ForSequenceClassification")]
-    if classifiers:
-        raise ModelError(
-            f"{key}={folder} is a reward model ({classifiers[0]}), not a language model: give an SFT output "
-            "(<run>/sft/final) or a causal LM folder"
-        )
+def saved_model_kind(folder: str | Path) -> tuple[str, str] | None:
+    """("reward model" or "causal language model", the architecture) a saved folder's config.json names, else None."""
+    for architecture in saved_architectures(folder):
+        if architecture.endswith("ForSequenceClassification"):
+            return "reward model", architecture
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal language model", architecture
+    return None
+
+
+NEEDED_MODEL = {  # the kind of model a key needs -> (its name in a message, the folder to give instead)
+    "language model": ("causal language model", "give an SFT output (<run>/sft/final) or a causal LM folder"),
+    "reward model": ("reward model", "give a reward-stage output (<run>/reward/final)"),
+}
+
+
+def refuse_wrong_model_kind(folder: str | Path, needed: str, key: str = "") -> None:
+    """A ModelError when `folder` holds the other kind of model than `needed` ("language model" or "reward
+    model"): loaded as the wrong class, the missing head would be initialised at random and train nonsense."""
+    kind = saved_model_kind(folder)
+    if kind and kind[0] != NEEDED_MODEL[needed][0]:
+        where = f"{key}={folder}" if key else str(folder)
+        raise ModelError(f"{where} is a {kind[0]} ({kind[1]}), not a {needed}: {NEEDED_MODEL[needed][1]}")
 
 
 def load_causal_lm(model_cfg: DictConfig, tokenizer, seed: int, init_from: str = "", root: Path | None = None):
@@ -170,14 +184,14 @@ def load_causal_lm(model_cfg: DictConfig, tokenizer, seed: int, init_from: str =
         location = init_from
         if not (Path(location) / "config.json").is_file():
             raise ModelError(f"stage.init_from={init_from}: no Hugging Face model there (config.json not found)")
-        refuse_reward_model_as_lm(location, "stage.init_from")
+        refuse_wrong_model_kind(location, "language model", "stage.init_from")
     elif model_cfg.source == Source.tiny:
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(tiny_config(model_cfg, tokenizer), dtype=torch.float32)
     else:
         location = model_location(model_cfg, root)
         if model_cfg.source == Source.local:
-            refuse_reward_model_as_lm(location, "model.path")
+            refuse_wrong_model_kind(location, "language model", "model.path")
     model = from_pretrained(
         AutoModelForCausalLM,
         location,
@@ -425,17 +439,12 @@ def from_pretrained(cls, location: str | Path, what: str, trust_remote_code: boo
         raise ModelError(f"cannot load {what} from {location}: {type(err).__name__}: {err}{hint}") from err
 
 
-def load_reward_model(path: str | Path) -> RewardModel:
-    """A saved reward model (a `<Arch>ForSequenceClassification` folder) in fp32."""
+def load_reward_model(path: str | Path, key: str = "") -> RewardModel:
+    """A saved reward model (a `<Arch>ForSequenceClassification` folder) in fp32; `key` names it in errors."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(f"{path}: no saved reward model there (config.json not found)")
-    language_models = [a for a in saved_architectures(path) if a.endswith(("ForCausalLM", "LMHeadModel"))]
-    if language_models:
-        raise ModelError(
-            f"{path} is a causal language model ({language_models[0]}), not a reward model: give a reward-stage "
-            "output (<run>/reward/final)"
-        )
+    refuse_wrong_model_kind(path, "reward model", key)
     loaded = from_pretrained(AutoModelForSequenceClassification, path, "the reward model")
     model = RewardModel(getattr(loaded, loaded.base_model_prefix), loaded.config)
     model.score = loaded.score

@@ -1,5 +1,6 @@
-"""The three stages in a row: each stage's final model feeds the next, each stage is its own W&B run in the run's
-group, and one table at the end says what each stage cost and gave."""
+"""What `rlhf` runs: one stage, or the three stages in a row. In a pipeline each stage's final model feeds the
+next, each stage is its own W&B run in the run's group, and one table at the end says what each stage cost and gave.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import logging
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from rlhf import gold
-from rlhf.config import save_resolved, stage_config
+from rlhf.config import RESOLVED_CONFIG_NAME, Accelerator, save_resolved, stage_config
+from rlhf.launch import check_run_dir, run_stage
 from rlhf.progress import format_seconds, markdown_table
 
 log = logging.getLogger("rlhf")
@@ -175,10 +178,28 @@ def check_stage_data(cfg: DictConfig, names: list[str]) -> str | None:
     return None
 
 
+def run(cfg: DictConfig, run_dir: Path) -> int:
+    """Run the configured stage, or each stage of a pipeline; return the exit code (0 on success, 2 for unusable
+    input, else the workers')."""
+    if cfg.hardware.accelerator == Accelerator.cuda and not torch.cuda.is_available():
+        log.error(
+            "hardware=%s needs CUDA GPUs and none is visible here; use hardware=cpu or hardware=cpu-2proc",
+            cfg.hardware.name,
+        )
+        return 2
+    problem = check_run_dir(cfg, run_dir)
+    if problem:
+        log.error("%s", problem)
+        return 2
+    if not (run_dir / RESOLVED_CONFIG_NAME).is_file():  # a resumed run keeps the record it started with
+        save_resolved(cfg, run_dir)
+    if cfg.stage.name == "pipeline":
+        return run_pipeline(cfg, run_dir)
+    return run_stage(cfg, run_dir, run_dir / RESOLVED_CONFIG_NAME)
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path) -> int:
     """Run `stage.stages` in order; stop at the first stage that fails and return its exit code."""
-    from rlhf.launch import run_stage
-
     names = list(cfg.stage.stages)
     problem = check_stage_data(cfg, [n for n in names if not (run_dir / n / "summary.json").is_file()])
     if problem:

@@ -20,8 +20,9 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 from transformers import AutoModelForCausalLM
 
-from rlhf import launch, models
-from rlhf.config import ConfigError, DType, compose
+from rlhf import models, pipeline
+from rlhf.compose import compose
+from rlhf.config import ConfigError, DType
 from rlhf.stages.reward import RewardTrainer
 from rlhf.tracking import Tracker
 
@@ -293,7 +294,7 @@ CASES = [
 def prior_run(tmp_path_factory, dist_process_group) -> Path:
     """A finished tiny SFT run (its checkpoint: the end of the stage, step 4), for the cases that need one."""
     run_dir = tmp_path_factory.mktemp("prior") / "run"
-    assert launch.run(compose(SFT), run_dir) == 0
+    assert pipeline.run(compose(SFT), run_dir) == 0
     return run_dir
 
 
@@ -329,7 +330,7 @@ def test_bad_input_is_one_clear_error_and_overwrites_nothing(
     cfg = compose([o for o in overrides if not o.startswith("hydra.")])
     before = snapshot(run_dir) if run_dir.exists() else {}
     with caplog.at_level(logging.ERROR):
-        code = launch.run(cfg, run_dir)
+        code = pipeline.run(cfg, run_dir)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert code == 2 and len(errors) == 1 and case.message in errors[0], (code, errors)
     record(case, code, errors[0])
@@ -343,9 +344,9 @@ def test_a_run_that_failed_before_training_does_not_lock_its_folder(
     tmp_path: Path, dist_process_group, resume: str
 ) -> None:
     run_dir = tmp_path / "run"
-    assert launch.run(compose([*SFT, "model=local", "model.path=/missing/model"]), run_dir) == 2
+    assert pipeline.run(compose([*SFT, "model=local", "model.path=/missing/model"]), run_dir) == 2
     assert (run_dir / "config.resolved.yaml").is_file()  # the failed start left its record
     fixed = [*SFT, "stage.max_steps=2", "stage.checkpoint_interval=0"] + ([f"resume={resume}"] if resume else [])
-    assert launch.run(compose(fixed), run_dir) == 0  # the same folder takes the fixed config
+    assert pipeline.run(compose(fixed), run_dir) == 0  # the same folder takes the fixed config
     assert (run_dir / "sft" / "final").is_dir()
     assert "max_steps: 2" in (run_dir / "config.resolved.yaml").read_text()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhf import checkpoint, dist
-from rlhf.config import compose
+from rlhf.compose import compose
 from rlhf.guard import NonFiniteError
 from rlhf.optim import MasterWeightAdamW
 from rlhf.stages.sft import SFTTrainer

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from rlhf.config import CONF_DIR, ConfigError, compose, grad_accum_steps, stage_config, world_size
+from rlhf.compose import compose
+from rlhf.config import CONF_DIR, ConfigError, grad_accum_steps, stage_config, world_size
 from tests.conftest import run_cli
 
 README = Path(__file__).parent.parent / "README.md"

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from rlhf.config import Schedule, compose
+from rlhf.compose import compose
+from rlhf.config import Schedule
 from rlhf.engine import deepspeed_config, lr_factor
 
 

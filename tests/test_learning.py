@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf import stages
-from rlhf.config import compose
+from rlhf.compose import compose
 from rlhf.data import builtin
 from rlhf.stages.ppo import PPOTrainer, RLHFEngine
 

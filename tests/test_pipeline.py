@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.chat import Chat, interactive, resolve_model_dir
-from rlhf.config import compose
+from rlhf.compose import compose
 from rlhf.pipeline import result_text
 from rlhf.plan import dry_run, plan
 from rlhf.tracking import run_group

@@ -13,7 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf import dist, models
-from rlhf.config import ConfigError, DType, compose
+from rlhf.compose import compose
+from rlhf.config import ConfigError, DType
 from rlhf.data.tokenize import used_columns
 from rlhf.models import merged_lora
 from rlhf.ppo import functional as F

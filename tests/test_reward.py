@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from rlhf import stages
-from rlhf.config import ArchConfig, ModelConfig, compose
+from rlhf.compose import compose
+from rlhf.config import ArchConfig, ModelConfig
 from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left, pad_right
 from rlhf.models import last_token_index, load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config

@@ -82,7 +82,7 @@ def test_sampling_follows_temperature_and_top_p() -> None:
 
 @pytest.mark.slow
 def test_greedy_matches_generate_on_the_embedded_model() -> None:
-    from rlhf.config import compose
+    from rlhf.compose import compose
     from rlhf.data import builtin
     from rlhf.data.tokenize import PromptFormat, encode_prompts
     from rlhf.models import load_causal_lm, load_tokenizer

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf.config import compose
+from rlhf.compose import compose
 from rlhf.models import LoRALinear
 from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from rlhf.config import ConfigError, DataConfig, compose
+from rlhf.compose import compose
+from rlhf.config import ConfigError, DataConfig
 from rlhf.data import DataError, plan_steps, stage_rows
 from rlhf.data.sources import RowError, read_local
 
@@ -148,7 +149,7 @@ def test_bad_source_configs_fail_validation_and_missing_files_fail_loading(tmp_p
 
 
 def test_inspection_report_shows_counts_skips_and_examples(messy_jsonl: Path) -> None:
-    from rlhf.data.inspect import report
+    from rlhf.preview import report
 
     source = f"{{path: {messy_jsonl}, format: pairs, columns: {{prompt: question, chosen: good, rejected: bad}}}}"
     text = report(["model=tiny", "data.builtin_size=600", f"data.sources=[{{name: builtin}},{source}]"])
@@ -284,13 +285,13 @@ def test_max_steps_capped_by_the_epochs_says_so(caplog) -> None:
 
 
 def test_rlhf_data_previews_an_sft_only_source_and_answers_help_and_typos_in_one_line(tmp_path: Path) -> None:
-    from rlhf.data.inspect import report
+    from rlhf.preview import report
 
     rows = [json.dumps({"prompt": f"Say {i}", "chosen": f"{i}", "rejected": "No."}) for i in range(20)]
     source = f"{{path: {write_jsonl(tmp_path / 'sft.jsonl', rows)}, format: pairs, split: [1, 0, 0]}}"
     text = report(["model=tiny", f"data.sources=[{source}]"])
     assert "### sft" in text and "No rows for reward: " in text and "No rows for ppo: " in text
-    command = [sys.executable, "-m", "rlhf.data.inspect"]
+    command = [sys.executable, "-m", "rlhf.preview"]
     shown = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0 and "`rlhf-data`: what a data option gives each stage" in shown.stdout
     typo = subprocess.run([*command, "model=tiny", "data.max_prompt=5"], capture_output=True, text=True, timeout=120)

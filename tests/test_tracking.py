@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.checkpoint import Preempted
-from rlhf.config import LoggerMode, compose
+from rlhf.compose import compose
+from rlhf.config import LoggerMode
 from rlhf.data import DataError
 from rlhf.tracking import Tracker, resolve_mode, run_group, run_name
 from tests.conftest import wandb_records

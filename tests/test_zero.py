@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf import stages
-from rlhf.config import compose
+from rlhf.compose import compose
 
 CASES = {
     "zero0-fp32": ["hardware.zero_stage=0"],

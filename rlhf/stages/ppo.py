@@ -77,10 +77,8 @@ class RLHFEngine:
             raise models.ModelError("stage=ppo needs a reward model: stage.reward_from=<run>/reward/final")
         self.cfg, self.reward_fn = cfg, reward_fn
         if not dist.is_initialized():  # used from Python rather than through `rlhf`
-            from rlhf.launch import backend, configure_process
-
-            configure_process(cfg, 1)
-            dist.init(backend(cfg))
+            dist.configure_process(cfg, 1)
+            dist.init(dist.backend(cfg))
         self.tokenizer = models.load_tokenizer(cfg.model, root)
         hw_zero = cfg.hardware.zero_stage
         self.actor_zero = hw_zero if stage.actor_zero_stage < 0 else stage.actor_zero_stage
@@ -108,7 +106,7 @@ class RLHFEngine:
 
         self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
         if reward_fn is None:
-            reward = models.load_reward_model(stage.reward_from)
+            reward = models.load_reward_model(stage.reward_from, "stage.reward_from")
             if stage.disable_dropout:
                 models.disable_dropout(reward)
             self.reward = engine.initialize_frozen(reward, cfg, hw_zero)
@@ -143,13 +141,13 @@ class RLHFEngine:
             critic_vocab = (
                 self.reward_tokenizer if critic_source == stage.reward_from else load_saved_tokenizer(critic_source)
             ).get_vocab()
+            key = "stage.critic_from" if stage.critic_from else "stage.reward_from"
             if critic_vocab != self.tokenizer.get_vocab():
-                key = "stage.critic_from" if stage.critic_from else "stage.reward_from (the critic's default start)"
                 raise models.ModelError(
-                    f"{key}={critic_source} uses another tokenizer than the actor, and the critic reads the actor's "
-                    "token ids: set stage.critic_from to a model with the actor's tokenizer"
+                    f"{key}={critic_source} (the critic's start) uses another tokenizer than the actor, and the "
+                    "critic reads the actor's token ids: set stage.critic_from to a model with the actor's tokenizer"
                 )
-            critic = models.load_reward_model(critic_source)
+            critic = models.load_reward_model(critic_source, key)
             if stage.normalize_reward and self.reward is not None:  # on the scale of the scores it learns to predict
                 critic_stats = self.reward_stats if critic_source == stage.reward_from else None
                 critic_stats = critic_stats or models.reward_stats(critic_source)

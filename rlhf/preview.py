@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from rlhf.config import ConfigError, compose, composition_problem
+from rlhf.compose import compose, composition_problem
+from rlhf.config import ConfigError
 from rlhf.data import STAGE_INDEX, DataError, ptx_texts, source_label, source_rows, stage_rows
 from rlhf.data.tokenize import PromptFormat, encode_prompts, text_blocks
 from rlhf.progress import markdown_table
