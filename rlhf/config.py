@@ -115,8 +115,8 @@ class HardwareConfig:
     micro_batch: int = 4
     device_memory_gb: float = 24.0
     cost_per_device_hour: float = 0.0
-    peak_tflops: float = 0.1  # one device's matmul peak at `precision` (dry-run time estimates)
-    expected_mfu: float = 0.4  # the share of that peak a stage is expected to reach
+    peak_tflops: float = 0.09  # one device's matmul peak at `precision` (dry-run time estimates)
+    expected_mfu: float = 0.35  # the share of that peak a stage is expected to reach
     threads_per_proc: int = 0  # 0: the machine's cores shared evenly between local processes
 
 
@@ -139,11 +139,11 @@ class StageOptimizerConfig:
 class SFTStageConfig:
     name: str = "sft"
     epochs: int = 1
-    max_steps: int = -1  # optimizer steps; -1 runs the full epochs
+    max_steps: int = 20  # optimizer steps; -1 runs the full epochs
     global_batch: int = 16
-    eval_interval: int = 50  # optimizer steps between evaluations (also at the end)
-    checkpoint_interval: int = 0  # optimizer steps between checkpoints (0: only at the end and when stopped)
-    eval_max_batches: int = 16
+    eval_interval: int = 10  # optimizer steps between evaluations (also at the end)
+    checkpoint_interval: int = 10  # optimizer steps between checkpoints (0: only at the end and when stopped)
+    eval_max_batches: int = 8  # eval examples: this many micro-batches in all, shared out over the ranks
     log_interval: int = 1
     grad_clip: float = 1.0
     init_from: str = ""  # a model directory to start from instead of the `model` option
@@ -171,10 +171,10 @@ class OnPolicyConfig:
 class RewardStageConfig:
     name: str = "reward"
     epochs: int = 1
-    max_steps: int = -1  # optimizer steps; -1 runs the full epochs
+    max_steps: int = 24  # optimizer steps; -1 runs the full epochs
     global_batch: int = 16  # preference pairs per optimizer step
-    eval_interval: int = 50
-    checkpoint_interval: int = 0  # optimizer steps between checkpoints (0: only at the end and when stopped)
+    eval_interval: int = 12
+    checkpoint_interval: int = 12  # optimizer steps between checkpoints (0: only at the end and when stopped)
     eval_pairs: int = 400  # held-out pairs per evaluation (0: all); a tie counts as wrong
     eval_start: bool = True  # evaluate the untrained head too (a chance-level baseline)
     log_interval: int = 1
@@ -192,11 +192,11 @@ class RewardStageConfig:
 class PPOStageConfig:
     name: str = "ppo"
     epochs: int = 1  # passes over the PPO prompts
-    max_steps: int = -1  # PPO iterations (generate, then learn); -1 runs the full epochs
-    global_batch: int = 16  # prompts per iteration, over all ranks
+    max_steps: int = 8  # PPO iterations (generate, then learn); -1 runs the full epochs
+    global_batch: int = 8  # prompts per iteration, over all ranks
     samples_per_prompt: int = 1  # responses sampled per prompt: an iteration learns from global_batch x this many
-    eval_interval: int = 50  # iterations between gold-score evaluations (also before the first and at the end)
-    checkpoint_interval: int = 0  # iterations between checkpoints (0: only at the end and when stopped)
+    eval_interval: int = 4  # iterations between gold-score evaluations (also before the first and at the end)
+    checkpoint_interval: int = 4  # iterations between checkpoints (0: only at the end and when stopped)
     log_interval: int = 1
     grad_clip: float = 1.0
     init_from: str = ""  # the actor: an SFT output folder (empty: the `model` option)
@@ -205,8 +205,8 @@ class PPOStageConfig:
     actor_zero_stage: int = -1  # -1: hardware.zero_stage
     critic_zero_stage: int = -1  # -1: hardware.zero_stage
     # generation
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    max_new_tokens: int = 48
+    temperature: float = 0.7
     top_p: float = 1.0
     rollout: str = "engine"  # the rollout engine (rlhf/rollout.py), or generate: transformers.generate
     reuse_rollout_logprobs: bool = True  # the engine's log-probs of the sampled tokens serve as PPO's old ones
@@ -221,7 +221,7 @@ class PPOStageConfig:
     score_clip: float = 5.0
     no_eos_penalty: float = 0.0  # added to the score of a response that never reaches EOS (e.g. -1.0)
     # learning
-    ppo_epochs: int = 1
+    ppo_epochs: int = 2
     mini_batches: int = 1  # optimizer steps per PPO epoch; each accumulates 1 / mini_batches of the rollouts
     # gae: PPO's critic and GAE (per token); rloo / grpo: the prompt's other samples as the baseline (one advantage
     # per response, samples_per_prompt >= 2), and no critic is built, trained or checkpointed
@@ -293,7 +293,7 @@ class OptimizerConfig:
     weight_decay: float = 0.0
     schedule: Schedule = Schedule.cosine
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.1
     offload: bool = False  # optimizer states in CPU memory, stepped by DeepSpeed's CPU Adam (ZeRO-Offload)
 
 
@@ -356,9 +356,18 @@ def run_dir_for(resume: str, fresh: str) -> str:
     return fresh if resume in ("", "auto") else resume
 
 
+def config_groups() -> str:
+    """The config groups and their options as `rlhf --help` lists them: the YAML files under conf/, without the
+    schemas registered beside them."""
+    groups = sorted(d for d in CONF_DIR.iterdir() if d.is_dir() and d.name != "hydra")
+    return "\n".join(f"{d.name}: {', '.join(sorted(f.stem for f in d.glob('*.yaml')))}" for d in groups)
+
+
 def register_configs() -> None:
-    """Register every schema so the YAML options can name it in their defaults list, and the run-dir resolver."""
+    """Register every schema so the YAML options can name it in their defaults list, and the resolvers (the run
+    directory, the help's group list)."""
     OmegaConf.register_new_resolver("rlhf_run_dir", run_dir_for, replace=True)
+    OmegaConf.register_new_resolver("rlhf_config_groups", config_groups, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="rlhf_schema", node=RLHFConfig)
     for group, node in [

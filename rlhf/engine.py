@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import sys
 from functools import partial
 
 import torch
@@ -21,6 +24,20 @@ def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio:
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == Schedule.cosine else 1.0 - progress
     return min_ratio + (1.0 - min_ratio) * decay
+
+
+def quiet_initialize(**kwargs):
+    """`deepspeed.initialize` without the memory report it prints to stdout for every bf16 engine (a PPO run
+    builds four); the report is shown when the call fails."""
+    import deepspeed
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            return deepspeed.initialize(**kwargs)
+    except BaseException:
+        sys.stdout.write(captured.getvalue())
+        raise
 
 
 def deepspeed_config(cfg: DictConfig, zero_stage: int | None = None, accumulation: int | None = None) -> dict:
@@ -92,8 +109,6 @@ def initialize(
 ):
     """A DeepSpeed training engine for `model` with AdamW (or CPU Adam) and the configured schedule; `lr`,
     `zero_stage` and `accumulation` override the run's (PPO's actor and critic differ)."""
-    import deepspeed
-
     opt = cfg.optimizer
     config = deepspeed_config(cfg, zero_stage, accumulation)
     if config["bf16"]["enabled"] and config["zero_optimization"]["stage"] == 0 and not opt.offload:
@@ -117,7 +132,7 @@ def initialize(
             min_ratio=opt.min_lr_ratio,
         ),
     )
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+    engine, *_ = quiet_initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # alone, DeepSpeed's all-reduce only flattens every gradient into a buffer and copies it back (0.35 s a
         # step for 134M bf16 parameters here); ZeRO stages need the call, as it fills their gradient partitions
@@ -128,8 +143,6 @@ def initialize(
 def initialize_frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int):
     """A DeepSpeed engine for a model that only runs forward (PPO's reference and reward models): no optimizer;
     ZeRO-3 partitions it (and `hardware.offload_params` puts it in CPU memory) when the run uses ZeRO-3."""
-    import deepspeed
-
     model.requires_grad_(False)
     hw = cfg.hardware
     zero: dict = {"stage": 3 if zero_stage == 3 else 0}
@@ -145,6 +158,6 @@ def initialize_frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int):
         "fp16": {"enabled": hw.precision == DType.fp16},
         "steps_per_print": 10**9,
     }
-    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine, *_ = quiet_initialize(model=model, config=config)
     engine.eval()
     return engine

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -118,10 +119,24 @@ def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
     command += ["--num_gpus", str(hw.procs_per_node), "--module", "rlhf.launch"]
     command += [str(run_dir), "--config", str(config_path)] + (["--resume", cfg.resume] if cfg.resume else [])
     log.info("launching %d workers: %s", world_size(cfg), " ".join(command))
-    launcher = subprocess.Popen(command, env=env, start_new_session=True)  # signals reach it through the handler
-    with forward_signals(launcher):
+    # the launcher's stdout (its log and the workers') passes through here, so that after a stop by a signal its
+    # "exits with return code = 130" line, which reads like a crash, is left out
+    launcher = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
+    with forward_signals(launcher) as forwarded:
+        for line in launcher.stdout:
+            if not (forwarded and LAUNCHER_STOP_LINE.search(line)):
+                sys.stdout.write(line)
+                sys.stdout.flush()
         code = launcher.wait()
-    if code != 0:
+    stop = next((s for s in forwarded if code == 128 + s), None)
+    if stop is not None:
+        log.warning(
+            "stage %s stopped by %s on every worker; continue with: %s",
+            cfg.stage.name,
+            signal.Signals(stop).name,
+            resume_command(run_dir),
+        )
+    elif code != 0:
         log.error(
             "stage %s failed: a worker exited with code %d (see the log above and %s)",
             cfg.stage.name,
@@ -136,13 +151,20 @@ def is_worker(cmdline: list[str]) -> bool:
     return any(a == "-m" and b == "rlhf.launch" for a, b in zip(cmdline, cmdline[1:], strict=False))
 
 
+LAUNCHER_STOP_LINE = re.compile(r"exits with return code = (130|143)\b")  # DeepSpeed's launcher after a stop
+
+
 @contextmanager
-def forward_signals(launcher: subprocess.Popen) -> Iterator[None]:
+def forward_signals(launcher: subprocess.Popen) -> Iterator[set[int]]:
     """Pass SIGTERM and SIGINT on to this machine's workers (each saves a checkpoint and exits), not to DeepSpeed's
-    launcher, which would kill them after 30 s; before the workers exist, the launcher gets the signal."""
+    launcher, which would kill them after 30 s; before the workers exist, the launcher gets the signal. Yields the
+    set of signals passed on so far."""
     import psutil
 
+    forwarded: set[int] = set()
+
     def forward(signum: int, frame) -> None:
+        forwarded.add(signum)
         try:
             children = psutil.Process(launcher.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -155,7 +177,7 @@ def forward_signals(launcher: subprocess.Popen) -> Iterator[None]:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield forwarded
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -287,6 +287,25 @@ def lora_scalings(model: nn.Module) -> dict[str, float]:
     return {name: m.scaling for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+QUIET_BELOW_BYTES = 2 * 1024**3  # transformers' loading and saving bars are shown for models at least this large
+
+
+@contextmanager
+def progress_bars_only_if_slow(size_bytes: int | None) -> Iterator[None]:
+    """transformers' progress bars off while loading or saving a model smaller than QUIET_BELOW_BYTES (it takes
+    seconds, and a pipeline loads six: the bars would bury the step log); on for large or unknown (hub) sizes."""
+    from transformers.utils import logging as hf_logging
+
+    if size_bytes is None or size_bytes >= QUIET_BELOW_BYTES or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def save_hf(
     config,
     state_dict: dict,
@@ -307,7 +326,8 @@ def save_hf(
     config.use_cache = True  # training may have switched it off for gradient checkpointing
     with torch.device("meta"):
         skeleton = auto_class.from_config(config, dtype=torch_dtype)
-    skeleton.save_pretrained(tmp, state_dict=state_dict)
+    with progress_bars_only_if_slow(sum(v.numel() * v.element_size() for v in state_dict.values())):
+        skeleton.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
@@ -428,10 +448,13 @@ def from_pretrained(cls, location: str | Path, what: str, trust_remote_code: boo
     """`cls.from_pretrained` in fp32 from safetensors weights (pickled `.bin` weights only with `allow_pickle`, and a
     model's own code only with `trust_remote_code`); any failure (missing or truncated shards, no safetensors, an
     unknown architecture) is a ModelError naming the model and the place."""
+    folder = Path(location).expanduser()
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else None
     try:
-        return cls.from_pretrained(
-            location, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle
-        )
+        with progress_bars_only_if_slow(size):
+            return cls.from_pretrained(
+                location, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=not allow_pickle
+            )
     except Exception as err:  # transformers, safetensors and torch raise many types for a damaged model folder
         hint = ""
         if not allow_pickle and Path(location, "pytorch_model.bin").is_file():

@@ -423,7 +423,8 @@ def dry_run(cfg: DictConfig, run_dir: Path | None = None) -> int:
     ]
     for name, lines in advised.items():
         text.append(
-            f"stage {name} does not fit in {hw.device_memory_gb * HEADROOM:.1f} GB per device; changes that help:"
+            f"stage {name} does not fit in {hw.device_memory_gb * HEADROOM:.1f} GB per device ({HEADROOM:.0%} of "
+            f"{hw.device_memory_gb:g} GB: the rest is left to the allocator and buffers); changes that help:"
         )
         text += [f"  - {line}" for line in lines]
     report = "\n".join(text)

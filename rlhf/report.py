@@ -23,12 +23,14 @@ COLUMNS = [
     "params_m",
     "hardware",
     "world_size",
+    "host_cpus",
     "steps",
     "wall_s",
     "samples_per_s",
     "tokens_per_s",
     "est_cost_usd",
     "eval_loss",
+    "eval_tokens",
     "eval_acc",
     "eval_acc_ci_low",
     "eval_acc_ci_high",
@@ -85,20 +87,37 @@ def sort_key(row: dict) -> tuple:
     return STAGES.index(row["stage"]) if row["stage"] in STAGES else 9, params, row["world_size"], row["run"]
 
 
+def series_label(stage: str, key: str, value: object) -> str:
+    if key == "world_size":
+        return f"{stage}, {value} process{'es' if value != 1 else ''}"
+    return f"{stage}, {value:g}M parameters" if isinstance(value, (int, float)) else f"{stage}, {value}"
+
+
+def hardware_note(rows: list[dict]) -> str:
+    """What the runs ran on, and that the processes of a CPU run share the machine's cores (so more processes
+    cannot scale like more GPUs)."""
+    hardware = sorted({str(r["hardware"]) for r in rows if r["hardware"]})
+    cpus = sorted({int(r["host_cpus"]) for r in rows if isinstance(r["host_cpus"], int)})
+    note = ", ".join(hardware)
+    if cpus and any("cpu" in h for h in hardware):
+        note += f"; the processes share {'/'.join(map(str, cpus))} CPU cores"
+    return note + "; one run per point (no repeats, so no error bars)"
+
+
 def plot(rows: list[dict], out: Path) -> list[Path]:
     """Wall time and tokens/s against model size (a line per stage and world size) and against world size (a line
-    per stage and model size)."""
+    per stage and model size, with the ideal linear scaling from one process dashed); axes from 0."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    for x_key, series_key, x_label, name in (
-        ("params_m", "world_size", "model parameters (M)", "scaling_model_size.png"),
-        ("world_size", "params_m", "world size (processes)", "scaling_world_size.png"),
+    for x_key, series_key, x_label, name, title in (
+        ("params_m", "world_size", "model parameters (M)", "scaling_model_size.png", "Cost against model size"),
+        ("world_size", "params_m", "world size (processes)", "scaling_world_size.png", "Scaling with processes"),
     ):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for ax, y_key, y_label in (
             (axes[0], "wall_s", "stage wall time (s)"),
             (axes[1], "tokens_per_s", "training tokens/s"),
@@ -109,13 +128,26 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
                     series.setdefault((row["stage"], row[series_key]), []).append((row[x_key], row[y_key]))
             for (stage, value), points in sorted(series.items(), key=lambda kv: str(kv[0])):
                 points.sort()
-                label = f"{stage}, {series_key.replace('_', ' ')} {value}"
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                label = series_label(stage, series_key, value)
+                (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                if x_key == "world_size" and y_key == "tokens_per_s" and points[0][0] == 1 and len(points) > 1:
+                    ideal = [points[0][1] * p[0] for p in points]
+                    ax.plot([p[0] for p in points], ideal, linestyle="--", color=line.get_color(), alpha=0.6)
+            xs = sorted({p[0] for points in series.values() for p in points})
+            if x_key == "world_size" and xs:
+                ax.set_xticks(xs, [str(int(x)) for x in xs])
+            ax.set_ylim(bottom=0)
+            ax.set_xlim(left=0)
             ax.set_xlabel(x_label)
             ax.set_ylabel(y_label)
             ax.grid(alpha=0.3)
             if series:
-                ax.legend(fontsize=8)
+                handles, labels = ax.get_legend_handles_labels()
+                if x_key == "world_size" and y_key == "tokens_per_s":
+                    handles.append(plt.Line2D([], [], linestyle="--", color="grey"))
+                    labels.append("ideal: one process x processes")
+                ax.legend(handles, labels, fontsize=8)
+        fig.suptitle(f"{title} ({hardware_note(rows)})", fontsize=9)
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
         plt.close(fig)

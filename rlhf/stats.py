@@ -34,7 +34,7 @@ def wilson_interval(successes: float, n: int) -> Interval:
     denominator = 1 + Z95**2 / n
     centre = (rate + Z95**2 / (2 * n)) / denominator
     half = Z95 * math.sqrt(rate * (1 - rate) / n + Z95**2 / (4 * n * n)) / denominator
-    return Interval(rate, max(0.0, centre - half), min(1.0, centre + half))
+    return Interval(rate, max(0.0, round(centre - half, 12)), min(1.0, round(centre + half, 12)))  # 0, not 1e-19
 
 
 @dataclass(frozen=True)

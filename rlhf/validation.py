@@ -24,6 +24,7 @@ from rlhf.config import (
     world_size,
 )
 from rlhf.data.formats import ADAPTERS
+from rlhf.data.sources import FORMAT_FIELDS
 
 
 def unknown_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
@@ -221,6 +222,14 @@ def validate(cfg: DictConfig) -> None:
             source.format != "text",
             f"data.sources[{i}].format=text: plain text feeds only PPO's PTX loss; set it as data.ptx",
         )
+        fields = (*FORMAT_FIELDS[source.format], "messages") if source.format in ("pairs", "sft") else ()
+        for key in source.columns if fields else ():
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            need(
+                key in fields,
+                f"data.sources[{i}].columns.{key}: not a field of format {source.format} (its fields: "
+                f"{', '.join(fields)})" + (f"; did you mean {close[0]}?" if close else ""),
+            )
         split = source.split
         need(
             split is None or (len(split) == 3 and all(x >= 0 for x in split) and sum(split) > 0),

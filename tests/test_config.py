@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shlex
+from importlib.metadata import distribution
 from pathlib import Path
 
 import pytest
@@ -221,3 +223,85 @@ def test_the_deepspeed_chat_map_covers_the_flags_users_ask_for() -> None:
     wanted += " --unsupervised_dataset_name --actor_learning_rate --critic_learning_rate --ppo_epochs"
     wanted += " --per_device_generation_batch_size --max_prompt_seq_len --max_answer_seq_len"
     assert [f for f in wanted.split() if f not in flags] == []
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `rlhf...` command line in the README's shell blocks, as arguments: comments dropped, placeholders
+    such as <run> filled in as a user would."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    lines = [line.split(" #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(re.sub(r"<[a-z ]+>", "filled-in", line)) for line in lines if line.startswith("rlhf")]
+
+
+COMMAND_ARGS = {  # the README's commands other than `rlhf` and what their arguments are
+    "rlhf-bench": "overrides",
+    "rlhf-data": "overrides",
+    "rlhf-chat": "folder",
+    "rlhf-score": "folder",
+    "rlhf-report": "folder",
+}
+
+
+@pytest.mark.parametrize("command", readme_commands(), ids=lambda c: " ".join(c)[:80])
+def test_each_readme_command_composes(command: list[str], tmp_path: Path, monkeypatch) -> None:
+    """`rlhf` and `rlhf-bench`/`rlhf-data` lines compose as written (placeholders such as <run> are only paths;
+    the run to resume exists); the others name a command the package installs."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "filled-in").mkdir(parents=True)
+    scripts = {entry.name for entry in distribution("rlhf").entry_points if entry.group == "console_scripts"}
+    name, args = command[0], command[1:]
+    assert name in scripts, f"the README uses {name}, which the package does not install"
+    if name != "rlhf" and COMMAND_ARGS[name] == "folder":
+        return
+    overrides = [a for a in args if not a.startswith("-") and a != "job"]  # -m, --cfg job: Hydra's flags
+    hydra_keys = [o for o in overrides if o.startswith("hydra")]
+    if hydra_keys:  # a launcher choice: composed with Hydra's own config
+        from hydra import compose as hydra_compose
+        from hydra import initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+        assert cfg.hydra.launcher._target_
+        return
+    compose(overrides)
+
+
+BASE_OPTIONS = {  # each schema's primary YAML option: the defaults a user reads
+    "stage/sft.yaml": "SFTStageConfig",
+    "stage/reward.yaml": "RewardStageConfig",
+    "stage/ppo.yaml": "PPOStageConfig",
+    "optimizer/adamw.yaml": "OptimizerConfig",
+    "logger/wandb.yaml": "LoggerConfig",
+    "data/builtin.yaml": "DataConfig",
+    "hardware/cpu.yaml": "HardwareConfig",
+}
+
+
+def disagreements(yaml_values: dict, schema_values: dict, prefix: str = "") -> list[str]:
+    """Keys whose value in the YAML option differs from the schema's default (nested, lists compared whole)."""
+    found = []
+    for key, value in yaml_values.items():
+        default = schema_values.get(key)
+        if key in ("defaults", "name") or default == "???":
+            continue
+        if isinstance(value, dict) and isinstance(default, dict):
+            found += disagreements(value, default, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            found += [f"{prefix}{key}: YAML {value}, schema {default}"] * (len(value) != len(default or []))
+        elif value != getattr(default, "value", default):
+            found.append(f"{prefix}{key}: YAML {value}, schema {default}")
+    return found
+
+
+def test_the_disagreement_finder_finds_one() -> None:
+    assert disagreements({"a": 1, "b": {"c": 2}, "name": "x"}, {"a": 1, "b": {"c": 3}, "name": "???"}) == [
+        "b.c: YAML 2, schema 3"
+    ]
+
+
+@pytest.mark.parametrize("option", sorted(BASE_OPTIONS))
+def test_each_default_has_one_value_in_the_schema_and_its_yaml(option: str) -> None:
+    import rlhf.config as config
+
+    schema = OmegaConf.to_container(OmegaConf.structured(getattr(config, BASE_OPTIONS[option])))
+    assert not disagreements(OmegaConf.to_container(OmegaConf.load(CONF_DIR / option)), schema)

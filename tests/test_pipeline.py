@@ -39,7 +39,21 @@ def quickstart_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("quickstart")
     result = run_cli(["experiment=quickstart", *SHORT], cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (cwd / "cli-output.txt").write_text(result.stdout + result.stderr)
     return single_run_dir(cwd)
+
+
+def test_a_run_prints_its_step_log_without_loading_bars_or_deepspeed_memory_reports(quickstart_run: Path) -> None:
+    output = (quickstart_run.parents[2] / "cli-output.txt").read_text()
+    assert "sft step 12/12" in output and "pipeline done" in output
+    for noise in ("Loading weights", "Writing model shards", "begin bf16_optimizer", "CPU Virtual Memory"):
+        assert noise not in output
+
+
+def test_help_lists_the_options_a_user_can_choose(tmp_path: Path) -> None:
+    result = run_cli(["--help"], tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("rlhf: InstructGPT-style RLHF")
+    assert "stage: pipeline, ppo, reward, sft\n" in result.stdout and "_schema" not in result.stdout
 
 
 def test_quickstart_pipeline_runs_three_stages_in_one_group(quickstart_run: Path) -> None:
@@ -149,6 +163,10 @@ def test_dry_run_of_a_model_too_large_gives_the_changes_that_fit(tmp_path: Path)
         assert any("optimizer=adamw-offload" in line for line in advice[stage])
         assert advice[stage][-1].startswith("=> fits")
     assert dry_run(cfg, tmp_path) == 1
+    assert (
+        "stage sft does not fit in 72.0 GB per device (90% of 80 GB: the rest is left to the allocator"
+        in (tmp_path / "plan.md").read_text()
+    )
 
 
 def test_dry_run_command_exits_before_loading_weights(tmp_path: Path) -> None:
@@ -194,6 +212,8 @@ def test_cpu_scaling_sweep_gives_a_run_per_job_and_a_report(sweep_name: str, tmp
     sizes = {r["model"]: float(r["params_m"]) for r in rows}
     assert sizes["tiny-large"] > sizes["tiny"] > 0
     assert all(float(r["wall_s"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
+    for model in sizes:  # every world size evaluated the same examples
+        assert len({r["eval_tokens"] for r in rows if r["model"] == model}) == 1
     for png in ("scaling_model_size.png", "scaling_world_size.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
 

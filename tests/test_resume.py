@@ -138,6 +138,7 @@ def test_sigterm_saves_a_checkpoint_on_every_rank_and_exits_within_a_minute(hard
     text = (tmp_path / "cli.out").read_text()
     assert code == 128 + signal.SIGTERM and elapsed < 60, (code, elapsed, text[-3000:])
     assert "stopped by SIGTERM; checkpoint at step" in text
+    assert "failed" not in text and "return code" not in text  # a clean stop does not read like a crash
 
     run_dir = single_run_dir(tmp_path)
     latest = checkpoint.latest(checkpoint.stage_folder(run_dir, "sft"))

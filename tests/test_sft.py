@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.compose import compose
 from rlhf.models import LoRALinear
-from rlhf.stages.sft import SFTTrainer
+from rlhf.stages.sft import SFTTrainer, eval_share
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir
 
@@ -149,3 +149,12 @@ def test_an_empty_eval_split_gives_no_eval_loss_not_zero(lora_trainer: SFTTraine
         lora_trainer.eval_examples = kept
     assert math.isnan(loss)
     assert "the eval split has no answer tokens: no eval loss" in caplog.text
+
+
+def test_the_eval_examples_are_the_same_at_any_world_size() -> None:
+    one = set(eval_share(120, 32, 0, 1))
+    assert one == set(range(32))
+    for world in (2, 4):
+        shares = [list(eval_share(120, 32, rank, world)) for rank in range(world)]
+        assert set().union(*shares) == one and len({len(s) for s in shares}) == 1  # equal shares
+    assert [len(eval_share(7, 32, rank, 2)) for rank in (0, 1)] == [3, 3]  # a short split: still equal

@@ -274,6 +274,64 @@ def test_generic_format_from_a_dataset_folder(tmp_path: Path) -> None:
     assert [r["prompt"] for r in data.eval] == ["Qt"] and len(data.train) == 4
 
 
+def test_a_missing_column_lists_the_rows_fields_and_a_misspelt_column_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mine.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows([["question", "good", "bad"], ["Q1", "a", "b"]])
+    with pytest.raises(RowError) as err:
+        read_local(path, "pairs", {}, strict=True)
+    assert str(err.value) == (
+        f"{path}: row 2: missing field: 'chosen'; the row has question, good, bad: name the one to use with the "
+        "source's columns:, e.g. {chosen: <yours>}"
+    )
+    rows, _ = read_local(path, "pairs", COLUMNS, strict=True)  # the hint's fix reads it
+    assert rows == [{"prompt": "Q1", "chosen": "a", "rejected": "b"}]
+    with pytest.raises(
+        ConfigError,
+        match=r"data.sources\[0\].columns.promt: not a field of format pairs \(its fields: "
+        r"prompt, chosen, rejected, messages\); did you mean prompt\?",
+    ):
+        compose([f"data.sources=[{{path: {path}, format: pairs, columns: {{promt: question}}}}]"])
+
+
+def test_a_source_without_its_own_split_says_what_the_stage_gets_and_heavy_repeats_are_warned(
+    tmp_path: Path, caplog
+) -> None:
+    path = write_jsonl(tmp_path / "sft.jsonl", [json.dumps({"prompt": f"P{i}", "answer": f"A{i}"}) for i in range(20)])
+    data = OmegaConf.merge(
+        OmegaConf.structured(DataConfig),
+        {
+            "name": "mix",
+            "builtin_size": 1200,
+            "sources": [{"name": "builtin", "weight": 3.0}, {"path": str(path), "format": "sft"}],
+        },
+    )
+    with caplog.at_level("INFO"):
+        sft = stage_rows(data, "sft")
+    mine = sum(r["prompt"].startswith("P") for r in sft.train)
+    assert (
+        "data source sft.jsonl has no split of its own: data.split=[2.0, 4.0, 4.0] gives stage sft 4 of its 18 "
+        "training rows" in caplog.text
+    )
+    assert f"data source sft.jsonl: its 4 training rows for sft are repeated {mine / 4:.0f}x" in caplog.text
+    assert mine / 4 > 4
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        stage_rows(
+            OmegaConf.merge(
+                data,
+                {
+                    "sources": [
+                        {"name": "builtin"},
+                        {"path": str(path), "format": "sft", "split": [1, 0, 0], "weight": 0.05},
+                    ]
+                },
+            ),
+            "sft",
+        )
+    assert "no split of its own" not in caplog.text and "repeated" not in caplog.text
+
+
 def test_max_steps_capped_by_the_epochs_says_so(caplog) -> None:
     stage = OmegaConf.create({"name": "sft", "global_batch": 4, "epochs": 1, "max_steps": 10})
     with caplog.at_level("WARNING"):

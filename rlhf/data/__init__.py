@@ -21,6 +21,7 @@ from rlhf.data.sources import FORMAT_FIELDS, ReadReport, read_adapted, read_loca
 log = logging.getLogger(__name__)
 
 STAGE_INDEX = {"sft": 0, "reward": 1, "ppo": 2}
+REPEAT_WARNING = 4  # a source drawn more than this many times over in a blend is warned about
 
 
 class DataError(ValueError):
@@ -167,6 +168,16 @@ def stage_rows(data_cfg: DictConfig, stage: str) -> StageData:
         evaluation.extend(eval_part[start:end])
         start, end = split_shares(len(train_part), shares)[index]
         train_parts.append(train_part[start:end])
+        if source.split is None and not (source.name == "builtin" and not source.path):
+            log.info(
+                "data source %s has no split of its own: data.split=%s gives stage %s %d of its %d training rows "
+                "(set split: on the source, e.g. [1, 0, 0] for SFT only)",
+                source_label(source),
+                shares,
+                stage,
+                end - start,
+                len(train_part),
+            )
         labels.append(source_label(source))
         weights.append(source.weight)
     train, drawn = blend(train_parts, weights, random.Random(data_cfg.seed + index))
@@ -176,6 +187,18 @@ def stage_rows(data_cfg: DictConfig, stage: str) -> StageData:
             f"(data.split={list(data_cfg.split)})"
         )
     counts = dict(zip(labels, drawn, strict=True))
+    for label, part, count, weight in zip(labels, train_parts, drawn, weights, strict=True):
+        if part and count > REPEAT_WARNING * len(part):
+            log.warning(
+                "data source %s: its %d training rows for %s are repeated %.0fx to fill its weight's share (weight "
+                "%g, %.0f%% of the mix): lower its weight or add rows, or it will be memorised",
+                label,
+                len(part),
+                stage,
+                count / len(part),
+                weight,
+                100 * count / len(train),
+            )
     log.info(
         "data mix for %s: %s; %d eval rows",
         stage,

@@ -107,7 +107,9 @@ def _messages(value: list, column: str, source: str, number: int) -> list[dict[s
 
 def _field(raw: Mapping, column: str, source: str, number: int) -> str | list[dict[str, str]]:
     if column not in raw or raw[column] is None:
-        raise RowError(source, number, f"missing field: {column!r}")
+        present = ", ".join(map(str, raw)) or "no fields"
+        hint = f"; the row has {present}: name the one to use with the source's columns:, e.g. {{{column}: <yours>}}"
+        raise RowError(source, number, f"missing field: {column!r}" + (hint if column not in raw else ""))
     value = raw[column]
     if isinstance(value, list):
         return _messages(value, column, source, number)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Protocol
@@ -88,6 +89,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "model_params_m": round(params / 1e6, 2) if params else None,
             "hardware": cfg.hardware.name,
             "world_size": devices,
+            "host_cpus": os.cpu_count(),  # processes of a CPU run share these cores
             "wall_s": wall_s,
             **figures,
             "resumed_from_step": manifest.get("step"),

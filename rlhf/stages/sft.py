@@ -23,6 +23,14 @@ from rlhf.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
+def eval_share(count: int, limit: int, rank: int, world: int) -> range:
+    """This rank's indices of the first `limit` of `count` eval examples: the same examples are evaluated at any
+    world size (so runs compare), in equal shares (under ZeRO-3 every rank must run the same forward passes)."""
+    total = min(count, limit)
+    total -= total % world
+    return range(rank, total, world)
+
+
 class SFTTrainer:
     """Setup, train, save (Hugging Face folder), and its engines and loop state for checkpoints."""
 
@@ -174,14 +182,14 @@ class SFTTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean answer-token loss on (up to `eval_max_batches` micro-batches per rank of) the eval split; nan when
-        the split is empty."""
+        """Mean answer-token loss on the first `eval_max_batches` x micro-batch examples of the eval split, shared
+        out over the ranks (the same examples at any world size, so runs compare); nan when the split is empty."""
         eng = self.engine
         eng.eval()
-        share = len(self.eval_examples) // self.world
-        mine = self.eval_examples[self.rank :: self.world][:share]
+        limit = self.cfg.stage.eval_max_batches * self.micro_batch
+        mine = [self.eval_examples[i] for i in eval_share(len(self.eval_examples), limit, self.rank, self.world)]
         loss_sum, count = 0.0, 0
-        for start in range(0, min(share, self.cfg.stage.eval_max_batches * self.micro_batch), self.micro_batch):
+        for start in range(0, len(mine), self.micro_batch):
             batch = pad_right(mine[start : start + self.micro_batch], self.pad_id)
             out = eng(**{k: v.to(eng.device) for k, v in batch.items()})
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -194,6 +202,7 @@ class SFTTrainer:
                 log.warning("sft eval at step %d: the eval split has no answer tokens: no eval loss", self.step)
             return float("nan")
         loss = loss_sum / count
+        self.progress["evals"]["eval_tokens"] = int(count)
         if self.rank == 0:
             log.info(
                 "sft eval at step %d: loss %.4f, ppl %.4g (%d answer tokens)",
