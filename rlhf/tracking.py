@@ -50,19 +50,30 @@ def run_name(stage: str, run_dir: Path) -> str:
 
 
 class Tracker:
-    """A W&B run for one stage, or a no-op on other ranks and with `logger=none`. Use as a context manager."""
+    """A W&B run for one stage, or a no-op on other ranks and with `logger=none`. Use as a context manager. The run
+    starts at the first thing it records (or when its id is asked for), so a stage that fails while setting up (a
+    missing model, bad data) leaves no W&B run behind: its error is the command's message, not a failed run."""
 
     def __init__(self, cfg: DictConfig, stage: str, run_dir: Path, rank: int = 0, resume_id: str | None = None) -> None:
         """`resume_id` continues that W&B run (a resumed stage) instead of starting a new one."""
         self.run = None
-        mode = resolve_mode(cfg.logger.mode)
-        if rank != 0 or mode == "disabled":
-            return
+        self.cfg, self.stage, self.run_dir, self.resume_id = cfg, stage, run_dir, resume_id
+        self.mode = resolve_mode(cfg.logger.mode)
+        self.enabled = rank == 0 and self.mode != "disabled"
+
+    def _started(self):
+        """The W&B run, started on first use; None when disabled."""
+        if self.run is None and self.enabled:
+            self.run = self._start()
+        return self.run
+
+    def _start(self):
         import wandb
 
         from rlhf.config import cache_dir, world_size
         from rlhf.plan import model_params
 
+        cfg, stage, run_dir, resume_id, mode = self.cfg, self.stage, self.run_dir, self.resume_id, self.mode
         group, name = cfg.logger.group or run_group(run_dir), cfg.run_name or run_name(stage, run_dir)
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         trained = cfg.reward_model if stage == "reward" else cfg.model
@@ -70,7 +81,7 @@ class Tracker:
         config["model"]["params_m"] = round(params / 1e6, 2) if params else None
         config["hardware"]["world_size"] = world_size(cfg)
         try:
-            self.run = wandb.init(
+            run = wandb.init(
                 project=cfg.logger.project,
                 entity=cfg.logger.entity or None,
                 group=group,
@@ -94,21 +105,23 @@ class Tracker:
                     "interrupted run's); unset WANDB_SERVICE or restart that service, then resume again"
                 ) from error
             raise
-        log.info("W&B run %s (%s%s) in %s", self.run.id, mode, ", resumed" if resume_id else "", self.run.dir)
+        log.info("W&B run %s (%s%s) in %s", run.id, mode, ", resumed" if resume_id else "", run.dir)
+        return run
 
     @property
     def run_id(self) -> str | None:
-        return self.run.id if self.run is not None else None
+        run = self._started()
+        return run.id if run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Log and commit `step` now (W&B otherwise holds a step's row until the next step, and a killed run
         would lose the step it checkpointed last); anything else for this step must be logged before."""
-        if self.run is not None:
+        if self._started() is not None:
             self.run.log(metrics, step=step, commit=True)
 
     def table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
         """A W&B table (e.g. sample prompts and responses) under `key` at `step`, before `log` commits the step."""
-        if self.run is not None and rows:
+        if rows and self._started() is not None:
             import wandb
 
             columns = list(rows[0])
@@ -116,7 +129,7 @@ class Tracker:
             self.run.log({key: table}, step=step, commit=False)
 
     def summary(self, figures: dict[str, Any]) -> None:
-        if self.run is not None:
+        if self._started() is not None:
             self.run.summary.update(figures)
 
     def finish(self, exit_code: int = 0) -> None:

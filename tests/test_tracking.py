@@ -57,3 +57,11 @@ def test_wandb_records_the_exit_code_rlhf_gives(tmp_path: Path, monkeypatch, err
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     exits = [r["exit"]["exit_code"] for r in wandb_records(run) if r.get("type") == "exit"]
     assert exits == [code]
+
+
+def test_a_stage_that_fails_before_recording_anything_leaves_no_wandb_run(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose(["experiment=tiny", "stage=sft", "logger=wandb"])
+    with contextlib.suppress(DataError), Tracker(cfg, "sft", tmp_path):
+        raise DataError("data source mine.jsonl: no usable rows")  # e.g. while the trainer sets up
+    assert not (tmp_path / "wandb").exists()
