@@ -93,3 +93,10 @@ def describe_plan(stage: str, unit: str, train: int, evaluation: int, model, lor
         f"{lora_modules} LoRA modules), steps of {cfg.stage.global_batch} {unit} ({world} x {accum} micro-batches "
         f"of {micro}), world size {world}"
     )
+
+
+def eval_due(step: int, total_steps: int, interval: int, checkpoints) -> bool:
+    """Whether a stage evaluates after `step`: every `interval` steps and at the last, but not when stopping early
+    for a signal (`checkpoints`, a Checkpointer or None, knows)."""
+    stopping = checkpoints is not None and checkpoints.stop_requested()
+    return step == total_steps or (step % interval == 0 and not stopping)

@@ -158,3 +158,14 @@ def test_the_eval_examples_are_the_same_at_any_world_size() -> None:
         shares = [list(eval_share(120, 32, rank, world)) for rank in range(world)]
         assert set().union(*shares) == one and len({len(s) for s in shares}) == 1  # equal shares
     assert [len(eval_share(7, 32, rank, 2)) for rank in (0, 1)] == [3, 3]  # a short split: still equal
+
+
+def test_a_stage_evaluates_on_its_cadence_and_at_the_end_but_not_when_stopping_early() -> None:
+    from rlhf.progress import eval_due
+
+    class Stopping:
+        def stop_requested(self) -> bool:
+            return True
+
+    assert [s for s in range(1, 11) if eval_due(s, 10, 4, None)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if eval_due(s, 10, 4, Stopping())] == [10]

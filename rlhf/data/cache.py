@@ -1,15 +1,14 @@
 """A cache of processed (tokenised) data, keyed by everything that changes it.
 
 The key covers the resolved data option (sources, split, seed, lengths, template), each source file's path, size and
-modification time, the tokenizer (name, vocabulary size, special tokens, chat template), the stage, and the code
-that reads, adapts, splits, generates and tokenises data, and the stage's trainer (which builds the entry). Entries are
+modification time, the tokenizer (name, vocabulary size, special tokens, chat template), the stage, and the data
+package's code, which reads, adapts, splits, generates, tokenises and builds each stage's entry. Entries are
 written under a lock and renamed into place, so concurrent runs build once and a half-written entry is never read.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -20,14 +19,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import rlhf.data
 from rlhf import dist
-from rlhf.data import builtin, formats, sources, tokenize
 from rlhf.models import file_lock
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1  # bump when the processed layout changes
+DATA_CODE = sorted(Path(__file__).parent.glob("*.py"))  # the data package's code: reading, splitting, tokenising
 
 
 def source_files(data_cfg: DictConfig) -> list[list]:
@@ -52,10 +50,7 @@ def cache_key(data_cfg: DictConfig, stage: str, tokenizer) -> str:
         "stage": stage,
         "data": data,
         "files": source_files(data_cfg),
-        "code": [
-            hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest()
-            for m in (rlhf.data, builtin, formats, sources, tokenize, importlib.import_module(f"rlhf.stages.{stage}"))
-        ],
+        "code": [hashlib.sha256(f.read_bytes()).hexdigest() for f in DATA_CODE],
         "tokenizer": [
             tokenizer.name_or_path,
             len(tokenizer),

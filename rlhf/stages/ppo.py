@@ -21,20 +21,17 @@ from transformers import AutoTokenizer
 from rlhf import dist, engine, gold, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, ppo_rollouts, world_size
-from rlhf.data import DataError, batch_indices, builtin, plan_steps, ptx_texts, stage_rows
-from rlhf.data.cache import cache_key, shared
+from rlhf.data import DataError, batch_indices, builtin, datasets, plan_steps
 from rlhf.data.tokenize import (
     PromptFormat,
-    encode_prompts,
     encode_response,
     pad_left,
     pad_right,
-    text_blocks,
     used_columns,
 )
 from rlhf.guard import StepGuard, all_finite
 from rlhf.ppo import functional as F
-from rlhf.progress import StepLog
+from rlhf.progress import StepLog, eval_due
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -302,7 +299,7 @@ class PPOTrainer:
         cfg, stage = self.cfg, self.cfg.stage
         torch.manual_seed(cfg.seed)
         self.tokenizer = self.engine.tokenizer if self.engine else models.load_tokenizer(cfg.model, cache_dir(cfg))
-        data = self._processed_data()
+        data = datasets.processed(cfg, self.name, self.tokenizer)
         self.prompts, self.dropped = data["train"], data["dropped"]
         self.gold_rows = gold.held_out_rows(cfg, self.tokenizer)
         self.gold_records = gold.load(self.run_dir / self.name) if self.run_dir else {}
@@ -346,33 +343,6 @@ class PPOTrainer:
         if record is None or record.prompts != [r["prompt"] for r in self.gold_rows[: len(record.prompts)]]:
             return None
         return record if len(record.prompts) == len(self.gold_rows) - len(self.gold_rows) % self.world else None
-
-    def _processed_data(self) -> dict:
-        cfg = self.cfg
-
-        def build() -> dict:
-            fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
-            rows = stage_rows(cfg.data, self.name)
-            max_len = cfg.data.max_prompt_len
-
-            def encode(prompts: list) -> list[dict]:  # one at a time, so a dropped prompt cannot shift the others
-                return [
-                    {"prompt": p, "input_ids": ids}
-                    for p in prompts
-                    for ids in encode_prompts(self.tokenizer, fmt, [p], max_len)[0]
-                ]
-
-            train = encode([r["prompt"] for r in rows.train])
-            dropped = len(rows.train) - len(train)
-            block = cfg.data.max_prompt_len + cfg.data.max_answer_len
-            return {
-                "train": train,
-                "dropped": dropped,
-                "counts": rows.counts,
-                "ptx": text_blocks(self.tokenizer, ptx_texts(cfg.data), block),
-            }
-
-        return shared(cache_dir(cfg), cache_key(cfg.data, self.name, self.tokenizer), build, cfg.data.rebuild)
 
     def prompt_batches(self) -> Iterator[list[dict]]:
         """This rank's prompts ({prompt, input_ids}) for each remaining iteration, each `samples_per_prompt` times
@@ -568,7 +538,7 @@ class PPOTrainer:
                 metrics |= self._iteration_metrics(exp, stats, gen_s, train_s)
                 if not skipped:
                     history.append(metrics)
-            if self._eval_due():
+            if eval_due(self.step, self.total_steps, stage.eval_interval, self.checkpoints):
                 metrics |= self.evaluate("end" if self.step == self.total_steps else f"step-{self.step}")
                 evals |= gold.summary_figures(metrics)
             if guard_ok and (self.step % stage.sample_table_interval == 0 or self.step == 1):
@@ -670,12 +640,6 @@ class PPOTrainer:
             return {}
         rewards, golds = zip(*pairs, strict=True)
         return {"ppo/gold_mean": sum(golds) / len(golds), "ppo/reward_gold_auc": stats.auc(list(rewards), list(golds))}
-
-    def _eval_due(self) -> bool:
-        """Evaluate every `eval_interval` iterations and at the last, but not when stopping early for a signal."""
-        due = self.step % self.cfg.stage.eval_interval == 0
-        stopping = self.checkpoints is not None and self.checkpoints.stop_requested()
-        return self.step == self.total_steps or (due and not stopping)
 
     @torch.no_grad()
     def evaluate(self, when: str) -> dict[str, float]:

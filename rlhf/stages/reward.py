@@ -17,11 +17,10 @@ from omegaconf import DictConfig, OmegaConf
 from rlhf import dist, engine, gold, models, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, grad_accum_steps
-from rlhf.data import DataError, batch_indices, builtin, onpolicy, plan_steps, stage_rows
-from rlhf.data.cache import cache_key, shared
+from rlhf.data import DataError, batch_indices, builtin, datasets, onpolicy, plan_steps, stage_rows
 from rlhf.data.tokenize import PromptFormat, encode_pair, pad_right
 from rlhf.guard import StepGuard
-from rlhf.progress import StepLog, describe_plan, loss_figures
+from rlhf.progress import StepLog, describe_plan, eval_due, loss_figures
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class RewardTrainer:
         model_cfg = cfg.model if cfg.stage.from_policy else cfg.reward_model  # the backbone's model option
         torch.manual_seed(cfg.seed)
         self.tokenizer = models.load_tokenizer(model_cfg, cache_dir(cfg))
-        processed = self._processed_data()
+        processed = datasets.processed(cfg, self.name, self.tokenizer)
         self.train_pairs, self.eval_pairs = processed["train"], processed["eval"]
         self.tracker.summary({f"data/{self.name}/{source}": n for source, n in processed["counts"].items()})
         if cfg.stage.onpolicy.samples_per_prompt > 0:
@@ -97,24 +96,6 @@ class RewardTrainer:
             describe_plan("reward", "pairs", len(self.train_pairs), len(self.eval_pairs), model, self.lora_modules, cfg)
         )
         log.info("reward: %d optimizer steps", self.total_steps)
-
-    def _processed_data(self) -> dict:
-        """Tokenised train/eval pairs and source counts, built once (rank 0) through the data cache."""
-        cfg = self.cfg
-        fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
-
-        def encode(rows: list[dict]) -> list[dict]:
-            return [
-                encode_pair(self.tokenizer, fmt, r["prompt"], r["chosen"], r["rejected"], cfg.data)
-                | {"kind": "data", "builtin": "family" in r}
-                for r in rows
-            ]
-
-        def build() -> dict:
-            data = stage_rows(cfg.data, self.name)
-            return {"train": encode(data.train), "eval": encode(data.eval), "counts": data.counts}
-
-        return shared(cache_dir(cfg), cache_key(cfg.data, self.name, self.tokenizer), build, cfg.data.rebuild)
 
     def _use_onpolicy_pairs(self) -> None:
         """Replace the built-in static pairs by pairs of the policy's own answers (see rlhf.data.onpolicy), keeping
@@ -298,7 +279,7 @@ class RewardTrainer:
             if not skipped:
                 progress["history"].append(loss_sum / pairs)
                 metrics |= {"reward/loss": loss_sum / pairs, "reward/train_acc": correct / pairs}
-            if self._eval_due():
+            if eval_due(self.step, self.total_steps, cfg.stage.eval_interval, self.checkpoints):
                 metrics |= self.evaluate()
                 evals |= {"eval_loss": metrics["reward/eval_loss"], "eval_pairs": metrics["reward/eval_pairs"]}
                 evals |= {f"eval_{k[len('reward/') :]}": v for k, v in metrics.items() if k.startswith("reward/acc")}
@@ -320,12 +301,6 @@ class RewardTrainer:
             "params": self.n_params,
             "trainable_params": self.n_trainable,
         }
-
-    def _eval_due(self) -> bool:
-        """Evaluate every `eval_interval` steps and at the last, but not when stopping early for a signal."""
-        due = self.step % self.cfg.stage.eval_interval == 0
-        stopping = self.checkpoints is not None and self.checkpoints.stop_requested()
-        return self.step == self.total_steps or (due and not stopping)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

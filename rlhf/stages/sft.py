@@ -13,11 +13,10 @@ from omegaconf import DictConfig
 from rlhf import dist, engine, gold, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, grad_accum_steps
-from rlhf.data import batch_indices, plan_steps, stage_rows
-from rlhf.data.cache import cache_key, shared
-from rlhf.data.tokenize import IGNORE_INDEX, PromptFormat, encode_sft, pad_right
+from rlhf.data import batch_indices, datasets, plan_steps
+from rlhf.data.tokenize import IGNORE_INDEX, pad_right
 from rlhf.guard import StepGuard
-from rlhf.progress import StepLog, describe_plan, loss_figures
+from rlhf.progress import StepLog, describe_plan, eval_due, loss_figures
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class SFTTrainer:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         self.tokenizer = models.load_tokenizer(cfg.model, cache_dir(cfg))
-        processed = self._processed_data()
+        processed = datasets.processed(cfg, self.name, self.tokenizer)
         self.train_examples, self.eval_examples = processed["train"], processed["eval"]
         self.tracker.summary({f"data/{self.name}/{source}": n for source, n in processed["counts"].items()})
 
@@ -76,24 +75,6 @@ class SFTTrainer:
             )
         )
         log.info("sft: %d optimizer steps", self.total_steps)
-
-    def _processed_data(self) -> dict:
-        """Tokenised train/eval examples and source counts, built once (rank 0) through the data cache."""
-        cfg = self.cfg
-
-        def build() -> dict:
-            fmt = PromptFormat.for_tokenizer(self.tokenizer, cfg.data)
-            data = stage_rows(cfg.data, self.name)
-            return {"train": self._encode(fmt, data.train), "eval": self._encode(fmt, data.eval), "counts": data.counts}
-
-        return shared(cache_dir(cfg), cache_key(cfg.data, self.name, self.tokenizer), build, cfg.data.rebuild)
-
-    def _encode(self, fmt: PromptFormat, rows: list[dict]) -> list[dict]:
-        encoded = [encode_sft(self.tokenizer, fmt, r["prompt"], r["chosen"], self.cfg.data) for r in rows]
-        kept = [e for e in encoded if e is not None]
-        if len(kept) < len(encoded):
-            log.warning("sft: %d rows dropped (no answer token fits data.max_answer_len)", len(encoded) - len(kept))
-        return kept
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches for optimizer step `step`: a pure function of (seed, step), so a resumed
@@ -147,7 +128,7 @@ class SFTTrainer:
             if not skipped:
                 progress["history"].append(loss)
                 metrics["sft/loss"] = loss
-            if self._eval_due():
+            if eval_due(self.step, self.total_steps, cfg.stage.eval_interval, self.checkpoints):
                 metrics["sft/eval_loss"] = self.evaluate()
                 metrics["sft/ppl"] = math.exp(min(metrics["sft/eval_loss"], 50.0))
                 progress["evals"]["eval_loss"] = metrics["sft/eval_loss"]
@@ -173,12 +154,6 @@ class SFTTrainer:
             "trainable_params": self.n_trainable,
             "lora_params": self.n_lora,
         }
-
-    def _eval_due(self) -> bool:
-        """Evaluate every `eval_interval` steps and at the last, but not when stopping early for a signal."""
-        due = self.step % self.cfg.stage.eval_interval == 0
-        stopping = self.checkpoints is not None and self.checkpoints.stop_requested()
-        return self.step == self.total_steps or (due and not stopping)
 
     @torch.no_grad()
     def evaluate(self) -> float:
