@@ -7,8 +7,12 @@ __all__ = ["PPOTrainer", "RLHFEngine", "compose"]
 
 def __getattr__(name: str):
     """The PPO API on first use, so `import rlhf` stays light for the command line."""
-    if name in ("PPOTrainer", "RLHFEngine"):
-        from rlhf.stages import ppo
+    if name == "PPOTrainer":
+        from rlhf.stages.ppo import PPOTrainer
 
-        return getattr(ppo, name)
+        return PPOTrainer
+    if name == "RLHFEngine":
+        from rlhf.stages.ppo_models import RLHFEngine
+
+        return RLHFEngine
     raise AttributeError(f"module 'rlhf' has no attribute {name!r}")

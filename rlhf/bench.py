@@ -196,7 +196,8 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
     from rlhf import dist
     from rlhf.config import world_size
     from rlhf.models import TORCH_DTYPES
-    from rlhf.stages.ppo import PPOTrainer, RLHFEngine
+    from rlhf.stages.ppo import PPOTrainer
+    from rlhf.stages.ppo_models import RLHFEngine
     from rlhf.tracking import Tracker
 
     stage = cfg.stage

@@ -11,7 +11,8 @@ import pytest
 from rlhf import stages
 from rlhf.compose import compose
 from rlhf.data import builtin
-from rlhf.stages.ppo import PPOTrainer, RLHFEngine
+from rlhf.stages.ppo import PPOTrainer
+from rlhf.stages.ppo_models import RLHFEngine
 
 EVAL = ["logger=none", "eval.gold_split=validation", "eval.gold_prompts=200"]
 

@@ -19,7 +19,8 @@ from rlhf.data.tokenize import used_columns
 from rlhf.models import merged_lora
 from rlhf.ppo import functional as F
 from rlhf.rollout import response_mask
-from rlhf.stages.ppo import PPOTrainer, RLHFEngine, actor_logprobs
+from rlhf.stages.ppo import PPOTrainer
+from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
 from rlhf.stages.reward import RewardTrainer
 from rlhf.tracking import Tracker
 from tests import test_rollout

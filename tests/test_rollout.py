@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from rlhf import decoder, rollout
 from rlhf.data.tokenize import pad_left
 from rlhf.rollout import response_mask
-from rlhf.stages.ppo import actor_logprobs
+from rlhf.stages.ppo_models import actor_logprobs
 
 EOS, PAD = 2, 0
 

@@ -7,37 +7,30 @@ GAE advantages, then (4) runs `ppo_epochs` passes of clipped policy and value up
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
-from transformers import AutoTokenizer
 
-from rlhf import dist, engine, gold, models, rollout, stats
+from rlhf import dist, gold, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
-from rlhf.config import cache_dir, ppo_rollouts, world_size
+from rlhf.config import cache_dir, ppo_rollouts
 from rlhf.data import DataError, batch_indices, builtin, datasets, plan_steps
 from rlhf.data.tokenize import (
-    PromptFormat,
-    encode_response,
     pad_left,
-    pad_right,
     used_columns,
 )
 from rlhf.guard import StepGuard, all_finite
 from rlhf.ppo import functional as F
 from rlhf.progress import StepLog, eval_due
+from rlhf.stages.ppo_models import RewardFn, RLHFEngine, actor_logprobs, response_logits
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-RewardFn = Callable[[list, list[str]], list[float]]  # (prompts as written, responses) -> scores, for a model
-
 
 SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/entropy")
 
@@ -58,213 +51,6 @@ class Experience(NamedTuple):
     raw_scores: torch.Tensor  # [B] the reward model's raw score
     kl: torch.Tensor  # [B] summed KL to the reference
     gold: torch.Tensor  # [B] the gold score of each response (nan where the prompt has no built-in answer)
-
-
-class RLHFEngine:
-    """The four models of PPO, each a DeepSpeed engine: the actor and critic train, the reference and reward model
-    only run forward. `reward_fn` replaces the reward model with a function of (prompt, response) texts."""
-
-    def __init__(self, cfg: DictConfig, total_steps: int | None = None, reward_fn: RewardFn | None = None) -> None:
-        stage, root = cfg.stage, cache_dir(cfg)
-        if total_steps is None:
-            if stage.max_steps <= 0:
-                raise ValueError("RLHFEngine needs total_steps or stage.max_steps > 0 for its LR schedules")
-            total_steps = stage.max_steps
-        if reward_fn is None and not stage.reward_from:
-            raise models.ModelError("stage=ppo needs a reward model: stage.reward_from=<run>/reward/final")
-        self.cfg, self.reward_fn = cfg, reward_fn
-        if not dist.is_initialized():  # used from Python rather than through `rlhf`
-            dist.configure_process(cfg, 1)
-            dist.init(dist.backend(cfg))
-        self.tokenizer = models.load_tokenizer(cfg.model, root)
-        hw_zero = cfg.hardware.zero_stage
-        self.actor_zero = hw_zero if stage.actor_zero_stage < 0 else stage.actor_zero_stage
-        critic_zero = hw_zero if stage.critic_zero_stage < 0 else stage.critic_zero_stage
-        started = time.perf_counter()
-        per_rank = ppo_rollouts(stage) // world_size(cfg)
-        optimizer_steps = total_steps * stage.ppo_epochs * stage.mini_batches
-        accumulation = per_rank // (stage.mini_batches * cfg.hardware.micro_batch)  # micro-batches per update
-
-        actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
-        if stage.disable_dropout:
-            models.disable_dropout(actor)
-        reference = copy.deepcopy(actor)
-        self.lora_modules = models.prepare_for_training(actor, cfg.model)
-        self.actor = engine.initialize(
-            actor,
-            cfg,
-            optimizer_steps,
-            lr=cfg.optimizer.actor_lr,
-            zero_stage=self.actor_zero,
-            accumulation=accumulation,
-        )
-        self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero)
-        self.generation_model = rollout.GenerationModel(self.actor.module, self.actor_zero)
-
-        self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
-        if reward_fn is None:
-            reward = models.load_reward_model(stage.reward_from, "stage.reward_from")
-            if stage.disable_dropout:
-                models.disable_dropout(reward)
-            self.reward = engine.initialize_frozen(reward, cfg, hw_zero)
-            self.reward_tokenizer = load_saved_tokenizer(stage.reward_from)
-            self.reward_stats = models.reward_stats(stage.reward_from)
-        self.critic = None  # the group estimators' baseline is the prompt's other samples: no critic
-        if stage.advantage == "gae":
-            critic = self._build_critic()
-            self.critic = engine.initialize(
-                critic,
-                cfg,
-                optimizer_steps,
-                lr=cfg.optimizer.critic_lr,
-                zero_stage=critic_zero,
-                accumulation=accumulation,
-            )
-        log.info(
-            "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), reference, %s, reward %s",
-            time.perf_counter() - started,
-            self.actor_zero,
-            self.lora_modules,
-            f"critic ZeRO-{critic_zero}" if self.critic else f"no critic ({stage.advantage})",
-            stage.reward_from or "function",
-        )
-
-    def _build_critic(self) -> models.RewardModel:
-        """The critic: the reward model (or `stage.critic_from`) on the normalised scores' scale, else a fresh
-        head on the reward_model backbone."""
-        cfg, stage = self.cfg, self.cfg.stage
-        critic_source = stage.critic_from or stage.reward_from
-        if critic_source:
-            critic_vocab = (
-                self.reward_tokenizer if critic_source == stage.reward_from else load_saved_tokenizer(critic_source)
-            ).get_vocab()
-            key = "stage.critic_from" if stage.critic_from else "stage.reward_from"
-            if critic_vocab != self.tokenizer.get_vocab():
-                raise models.ModelError(
-                    f"{key}={critic_source} (the critic's start) uses another tokenizer than the actor, and the "
-                    "critic reads the actor's token ids: set stage.critic_from to a model with the actor's tokenizer"
-                )
-            critic = models.load_reward_model(critic_source, key)
-            if stage.normalize_reward and self.reward is not None:  # on the scale of the scores it learns to predict
-                critic_stats = self.reward_stats if critic_source == stage.reward_from else None
-                critic_stats = critic_stats or models.reward_stats(critic_source)
-                critic.normalize_output(critic_stats["mean"], critic_stats["std"])
-        else:  # a reward function and no reward model: a fresh head on the reward_model backbone
-            lm = models.load_causal_lm(cfg.reward_model, self.tokenizer, cfg.seed, "", cache_dir(cfg))
-            critic = models.reward_model_from_lm(lm)
-        if stage.disable_dropout:
-            models.disable_dropout(critic)
-        models.prepare_for_training(critic, cfg.reward_model)
-        return critic
-
-    def generation_mode(self):
-        """The actor to generate with (see rollout.GenerationModel): eval mode, LoRA folded in, gathered under
-        ZeRO-3 into a plain copy once per call."""
-        return self.generation_model()
-
-    def eval_mode(self) -> None:
-        """Actor and critic without dropout: experience and evaluation must see the policy PPO compares against."""
-        for model in (self.actor, self.critic):
-            if model is not None:
-                model.module.eval()
-
-    def train_mode(self) -> None:
-        for model in (self.actor, self.critic):
-            if model is not None:
-                model.module.train()
-
-    @torch.no_grad()
-    def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> rollout.Rollout:
-        """Prompt + response ids; responses stop at EOS (padded after it) or at max_new_tokens. `stage.rollout`
-        picks the rollout engine (`engine`, the default, which also gives the sampled tokens' log-probs) or
-        `transformers.generate` (`generate`, no log-probs)."""
-        stage = self.cfg.stage
-        input_ids = prompts["input_ids"].to(self.actor.device)
-        attention_mask = prompts["attention_mask"].to(self.actor.device)
-        with self.generation_mode() as model:
-            if stage.rollout == "engine":
-                return rollout.generate(
-                    model,
-                    input_ids,
-                    attention_mask,
-                    stage.max_new_tokens,
-                    self.tokenizer.eos_token_id,
-                    self.tokenizer.pad_token_id,
-                    temperature=0.0 if greedy else stage.temperature,
-                    top_p=stage.top_p,
-                    min_new_tokens=0 if stage.stop_at_eos else stage.max_new_tokens,
-                )
-            sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": stage.temperature}
-            if not greedy:
-                sampling |= {"top_p": stage.top_p, "top_k": 0}
-            if not stage.stop_at_eos:
-                sampling["min_new_tokens"] = stage.max_new_tokens
-            sequences = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=stage.max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-                use_cache=True,
-                **sampling,
-            )
-            return rollout.Rollout(sequences, None)
-
-    def score(
-        self,
-        prompts: list,
-        responses: list[str],
-        sequences: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The raw reward of each response: the reward function, the reward model on these token ids (shared
-        tokenizer), or on the texts tokenised with the reward model's tokenizer (without `sequences`)."""
-        if self.reward_fn is not None:
-            return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float)
-        if sequences is not None and self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
-            return self.reward(sequences.to(self.reward.device), mask.to(self.reward.device)).float().cpu()
-        fmt = PromptFormat.for_tokenizer(self.reward_tokenizer, self.cfg.data)
-        rows = [
-            encode_response(self.reward_tokenizer, fmt, p, r, self.cfg.data)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        batch = pad_right([{"input_ids": r, "labels": r} for r in rows], self.reward_tokenizer.pad_token_id)
-        device = self.reward.device
-        return self.reward(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
-
-
-def load_saved_tokenizer(path: str):
-    """The tokenizer saved beside a trained model, or a ModelError naming the folder."""
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise models.ModelError(f"cannot load the tokenizer saved in {path}: {err}") from err
-
-
-def response_logits(model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """The logits that predict the response tokens (positions from `prompt_width` on): [B, R, V]. The LM head runs
-    only at those positions, not over the prompt."""
-    sequences, mask = sequences.to(model.device), mask.to(model.device)
-    # as indices, not a count: HF then gathers the kept positions into a contiguous tensor, which the LM head's
-    # product folds into one matrix product; the strided slice a count gives makes a no-grad forward (the reference)
-    # run it as a batched product over a copy of the head's weight per row (2x slower forward measured)
-    keep = torch.arange(prompt_width - 1, sequences.shape[1], device=sequences.device)
-    logits = model(
-        input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask), logits_to_keep=keep
-    ).logits
-    return logits[:, :-1]
-
-
-def actor_logprobs(
-    model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float, entropy: bool = False
-):
-    """Log-probs of the response tokens under the sampling distribution (logits / temperature, as they were
-    sampled) and, if asked, the entropy there (a figure to log: no autograd graph), from one log-softmax."""
-    logits = response_logits(model, sequences, mask, prompt_width) / temperature
-    labels = sequences[:, prompt_width:].to(logits.device)
-    if entropy:
-        return F.logprobs_and_entropy(logits, labels)
-    return F.logprobs_of(logits, labels)
 
 
 class PPOTrainer:
