@@ -226,8 +226,8 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
             trainer.train_step(exp)
             done = time.perf_counter()
             record = Iteration(
-                generation_s=trainer.rollout_s,
-                experience_s=experience_done - started - trainer.rollout_s,
+                generation_s=exp.generation_s,
+                experience_s=experience_done - started - exp.generation_s,
                 training_s=done - experience_done,
                 generated_tokens=int(exp.response_mask.sum()),
                 training_tokens=int(exp.attention_mask.sum()) * stage.ppo_epochs,

@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from rlhf.compose import composition_problem, recorded_overrides
-from rlhf.config import CONF_DIR, ConfigError, prepare, register_configs
+from rlhf.compose import composition_problem, prepare, recorded_overrides
+from rlhf.config import CONF_DIR, ConfigError, register_configs
 from rlhf.validation import validate
 
 log = logging.getLogger("rlhf")

@@ -109,7 +109,7 @@ class HardwareConfig:
     nodes: int = 1
     procs_per_node: int = 1
     hostfile: str = ""  # DeepSpeed hostfile, needed when nodes > 1
-    precision: Precision = Precision.auto  # resolved to a dtype when the run starts (see resolve_precision)
+    precision: Precision = Precision.auto  # resolved to a dtype when the run starts (rlhf.compose.resolve_precision)
     zero_stage: int = 0
     offload_params: bool = False  # ZeRO-3 parameter offload to CPU memory
     micro_batch: int = 4
@@ -413,48 +413,6 @@ def apply_stage_optimizer(cfg: DictConfig) -> None:
     for key, value in (own or {}).items():
         if value is not None:
             cfg.optimizer[key] = value
-
-
-CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matrix instructions
-
-
-def native_bf16(accelerator: Accelerator, cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[bool, str]:
-    """Whether the device computes bf16 natively (an NVIDIA GPU from Ampere on; a CPU with AVX-512 BF16 or AMX),
-    and why. Without those instructions bf16 matrix products are emulated, many times slower than fp32."""
-    if accelerator == Accelerator.cuda:
-        import torch
-
-        if not torch.cuda.is_available():
-            return True, "CUDA is not visible here; bf16 assumed for the GPU"
-        ok = torch.cuda.is_bf16_supported()
-        return ok, f"{torch.cuda.get_device_name()} {'computes' if ok else 'does not compute'} bf16 natively"
-    try:
-        flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return False, "the CPU's instruction sets are unknown (no /proc/cpuinfo flags)"
-    found = [flag for flag in CPU_BF16_FLAGS if flag in flags]
-    if found:
-        return True, f"the CPU has {' and '.join(found)}"
-    return False, "the CPU has neither AVX-512 BF16 nor AMX (bf16 would be emulated)"
-
-
-def resolve_precision(cfg: DictConfig) -> str | None:
-    """Replace hardware.precision=auto by bf16 where the device computes it natively, else fp32; return what was
-    decided and why (None when the precision was given)."""
-    if cfg.hardware.precision != Precision.auto:
-        return None
-    native, why = native_bf16(cfg.hardware.accelerator)
-    cfg.hardware.precision = Precision.bf16 if native else Precision.fp32
-    return f"hardware.precision=auto -> {cfg.hardware.precision.value}: {why}"
-
-
-def prepare(cfg: DictConfig) -> str | None:
-    """What every run does to a composed config before validating it: resolve the precision and apply a single
-    stage's own optimizer settings (a pipeline applies each stage's in `stage_config`). Returns the precision note."""
-    note = resolve_precision(cfg)
-    if cfg.stage.name != "pipeline":
-        apply_stage_optimizer(cfg)
-    return note
 
 
 def typed(cfg: DictConfig | dict) -> DictConfig:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rlhf import models
+from rlhf import lora
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -59,9 +59,9 @@ def unsupported(model: torch.nn.Module) -> str | None:
 
 def _weight(module: torch.nn.Module) -> torch.Tensor:
     """A Linear's weight, or a LoRA-wrapped one's base weight once the update is merged into it."""
-    if isinstance(module, models.LoRALinear):
+    if isinstance(module, lora.LoRALinear):
         if not module.merged:
-            raise ValueError("the decoder needs LoRA merged into the base weights (see models.merged_lora)")
+            raise ValueError("the decoder needs LoRA merged into the base weights (see lora.merged_lora)")
         return module.base.weight
     return module.weight
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
-from rlhf import decoder, models
+from rlhf import decoder, lora
 
 
 @dataclass
@@ -168,7 +168,7 @@ class GenerationModel:
     def __call__(self) -> Iterator[torch.nn.Module]:
         module, training = self.module, self.module.training
         if self.zero_stage != 3:
-            with models.merged_lora(module):
+            with lora.merged_lora(module):
                 module.eval()
                 try:
                     yield module
@@ -178,8 +178,8 @@ class GenerationModel:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            state = models.merge_lora_state_dict(
-                {name: p.detach() for name, p in module.named_parameters()}, models.lora_scalings(module)
+            state = lora.merge_lora_state_dict(
+                {name: p.detach() for name, p in module.named_parameters()}, lora.lora_scalings(module)
             )
             if self._copy is None:
                 dtype = next(module.parameters()).dtype

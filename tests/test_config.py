@@ -168,7 +168,8 @@ def test_a_single_stage_applies_its_own_optimizer_settings() -> None:
 
 
 def test_precision_auto_is_bf16_only_where_the_cpu_computes_it(tmp_path: Path) -> None:
-    from rlhf.config import Accelerator, native_bf16
+    from rlhf.compose import native_bf16
+    from rlhf.config import Accelerator
 
     avx2 = tmp_path / "avx2"
     avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")

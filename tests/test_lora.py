@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlhf.config import LoraConfig
-from rlhf.models import LoRALinear, apply_lora, lora_scalings, merge_lora_state_dict
+from rlhf.lora import LoRALinear, apply_lora, lora_scalings, merge_lora_state_dict
 
 
 def tiny_llama() -> torch.nn.Module:

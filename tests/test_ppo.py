@@ -16,7 +16,7 @@ from rlhf import dist, models
 from rlhf.compose import compose
 from rlhf.config import ConfigError, DType
 from rlhf.data.tokenize import used_columns
-from rlhf.models import merged_lora
+from rlhf.lora import merged_lora
 from rlhf.ppo import functional as F
 from rlhf.rollout import response_mask
 from rlhf.stages.ppo import PPOTrainer

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.compose import compose
-from rlhf.models import LoRALinear
+from rlhf.lora import LoRALinear
 from rlhf.stages.sft import SFTTrainer, eval_share
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir

@@ -11,46 +11,27 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from omegaconf import DictConfig
 
-from rlhf import dist, gold, models, rollout, stats
+from rlhf import dist, gold, lora, models, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, ppo_rollouts
-from rlhf.data import DataError, batch_indices, builtin, datasets, plan_steps
+from rlhf.data import DataError, batch_indices, datasets, plan_steps
 from rlhf.data.tokenize import (
-    pad_left,
     used_columns,
 )
 from rlhf.guard import StepGuard, all_finite
 from rlhf.ppo import functional as F
 from rlhf.progress import StepLog, eval_due
+from rlhf.stages.ppo_experience import Experience, build_experience
 from rlhf.stages.ppo_models import RewardFn, RLHFEngine, actor_logprobs, response_logits
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/entropy")
-
-
-class Experience(NamedTuple):
-    """One batch of rollouts. B rows, prompt width P, response width R; response tensors are [B, R]."""
-
-    sequences: torch.Tensor  # [B, P + R] left-padded prompt then response (pad after EOS)
-    attention_mask: torch.Tensor  # [B, P + R]
-    response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
-    logprobs: torch.Tensor  # actor log-probs of the sampled tokens when sampled
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor  # critic values of the state before each token
-    rewards: torch.Tensor  # shaped: -kl_coef * KL per token, plus the score at the last token
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    scores: torch.Tensor  # [B] the score used (normalised, clipped, EOS penalty)
-    raw_scores: torch.Tensor  # [B] the reward model's raw score
-    kl: torch.Tensor  # [B] summed KL to the reference
-    gold: torch.Tensor  # [B] the gold score of each response (nan where the prompt has no built-in answer)
 
 
 class PPOTrainer:
@@ -73,7 +54,6 @@ class PPOTrainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.ema: dict[str, torch.Tensor] | None = None
         self.ema_updates = 0
-        self.rollout_s = 0.0  # seconds the last generate_experience spent generating
         self.progress: dict = {"history": [], "evals": {}, "gen_s": 0.0, "rollout_s": 0.0, "train_s": 0.0}
         self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
         self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
@@ -138,74 +118,10 @@ class PPOTrainer:
             mine = batch_indices(len(self.prompts), stage.global_batch, self.cfg.seed, self.step, self.rank, self.world)
             yield [self.prompts[i] for i in mine for _ in range(stage.samples_per_prompt)]
 
-    # 2. experience: sample, then score with the four models
-    @torch.no_grad()
+    # 2. experience: sample, then score with the four models (rlhf.stages.ppo_experience)
     def generate_experience(self, batch: list[dict]) -> Experience:
-        """Rollouts for prompts as `prompt_batches` gives them ({prompt, input_ids})."""
-        eng, stage, tok = self.engine, self.cfg.stage, self.tokenizer
-        eng.eval_mode()
-        prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id, stage.prompt_width)
-        width = prompts["input_ids"].shape[1]
-        started = time.perf_counter()
-        rolled = eng.generate(prompts)
-        sequences = rolled.sequences.cpu()
-        self.rollout_s = time.perf_counter() - started  # generation alone, without the experience forward passes
-        resp_mask = rollout.response_mask(sequences[:, width:], tok.eos_token_id)
-        resp_mask[:, 0] = 1
-        mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
-        texts = [
-            tok.decode(seq[width:][m.bool()], skip_special_tokens=True)
-            for seq, m in zip(sequences, resp_mask, strict=True)
-        ]
-        prompt_texts = [row["prompt"] for row in batch]  # as written (a string or chat messages), not templated
-
-        if rolled.logprobs is not None and stage.reuse_rollout_logprobs:
-            logprobs = rolled.logprobs.cpu()  # the actor's at sampling time: a fresh forward equals them up to rounding
-        else:
-            logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
-        ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
-        values = torch.zeros_like(logprobs)
-        if eng.critic is not None:
-            device = eng.critic.device
-            values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
-        raw = eng.score(prompt_texts, texts, sequences, mask)
-        scores = raw.clone()
-        if stage.normalize_reward and eng.reward is not None:
-            scores = (scores - eng.reward_stats["mean"]) / max(eng.reward_stats["std"], 1e-8)
-        reached_eos = (sequences[:, width:] == tok.eos_token_id).any(dim=1)
-        scores = scores + stage.no_eos_penalty * (~reached_eos).float()
-        scores = scores.clamp(-stage.score_clip, stage.score_clip)
-
-        m = resp_mask.float()
-        kl = F.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
-        rewards = F.shaped_rewards(scores, kl, m, self.kl_ctl.value)
-        if stage.advantage == "gae":
-            advantages, returns = F.gae(rewards, values * m, m, stage.gamma, stage.lam)
-            if stage.whiten_advantages:  # over the global batch: every rank's advantages on one scale
-                advantages = F.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
-        else:  # each prompt's samples are consecutive rows of this rank's batch (prompt_batches)
-            group = F.group_advantages(rewards.sum(dim=1), stage.samples_per_prompt, stage.advantage)
-            advantages, returns = group[:, None] * m, torch.zeros_like(rewards)
-        self._last_texts = list(zip(prompt_texts, texts, raw.tolist(), strict=True))
-        gold_scores = [
-            builtin.score(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")
-            for p, t in zip(prompt_texts, texts, strict=True)
-        ]
-        return Experience(
-            sequences,
-            mask,
-            resp_mask,
-            logprobs,
-            ref_logprobs,
-            values * m,
-            rewards,
-            advantages,
-            returns,
-            scores,
-            raw,
-            kl.sum(dim=1),
-            torch.tensor(gold_scores, dtype=torch.float),
-        )
+        """Rollouts for prompts as `prompt_batches` gives them ({prompt, input_ids}), scored."""
+        return build_experience(self.engine, batch, self.cfg.stage, self.tokenizer, self.kl_ctl.value)
 
     # 3. learning: ppo_epochs passes over the experience, each `mini_batches` optimizer steps of clipped policy and
     # value losses; a step accumulates the gradients of its micro-batches (DeepSpeed steps at the boundary)
@@ -278,7 +194,7 @@ class PPOTrainer:
         state = dist.full_state_dict(self.engine.actor, self.engine.actor_zero)
         if self.rank != 0:
             return {}
-        return models.merge_lora_state_dict(state, models.lora_scalings(self.engine.actor.module))
+        return lora.merge_lora_state_dict(state, lora.lora_scalings(self.engine.actor.module))
 
     def _update_ema(self) -> None:
         """ema = beta * ema + (1 - beta) * actor; under ZeRO-3 every rank joins the gather of the whole actor."""
@@ -315,7 +231,7 @@ class PPOTrainer:
             train_s = time.perf_counter() - started - gen_s
             skipped = self.guard.end_step(self.step)
             progress["gen_s"] += gen_s
-            progress["rollout_s"] += self.rollout_s
+            progress["rollout_s"] += exp.generation_s
             progress["train_s"] += train_s
             metrics: dict[str, float] = {"guard/skipped_steps": self.guard.skipped}
             if not guard_ok:
@@ -328,9 +244,7 @@ class PPOTrainer:
                 metrics |= self.evaluate("end" if self.step == self.total_steps else f"step-{self.step}")
                 evals |= gold.summary_figures(metrics)
             if guard_ok and (self.step % stage.sample_table_interval == 0 or self.step == 1):
-                rows = [
-                    {"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in self._last_texts[:4]
-                ]
+                rows = [{"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in exp.texts[:4]]
                 self.tracker.table("ppo/samples", rows, step=self.step)
             self.tracker.log(metrics, step=self.step)  # commits the step: the table must come first
             if guard_ok:
@@ -402,9 +316,9 @@ class PPOTrainer:
             "ppo/response_len": len_sum / n_rows,
             "ppo/eos_rate": eos_sum / n_rows,
             "ppo/actor_lr": self.engine.actor.get_lr()[0],
-            "perf/gen_tokens_per_s": len_sum / self.rollout_s,
+            "perf/gen_tokens_per_s": len_sum / exp.generation_s,
             "perf/train_tokens_per_s": train_tokens / train_s,
-            "perf/gen_time_frac": self.rollout_s / (gen_s + train_s),
+            "perf/gen_time_frac": exp.generation_s / (gen_s + train_s),
             "perf/experience_time_frac": gen_s / (gen_s + train_s),
             "perf/step_s": gen_s + train_s,
         }

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf import dist, engine, gold, models, stats
+from rlhf import dist, engine, gold, lora, models, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, grad_accum_steps
 from rlhf.data import DataError, batch_indices, builtin, datasets, onpolicy, plan_steps, stage_rows
@@ -382,7 +382,7 @@ class RewardTrainer:
         state = dist.full_state_dict(self.engine, self.cfg.hardware.zero_stage)
         target = self.out_dir / "final"
         if self.rank == 0:
-            state = models.merge_lora_state_dict(state, models.lora_scalings(self.engine.module))
+            state = lora.merge_lora_state_dict(state, lora.lora_scalings(self.engine.module))
             models.save_reward_model(
                 self.engine.module, state, self.tokenizer, target, self.cfg.reward_model.dtype, self.score_stats
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from rlhf import dist, engine, gold, models, rollout, stats
+from rlhf import dist, engine, gold, lora, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, grad_accum_steps
 from rlhf.data import batch_indices, datasets, plan_steps
@@ -215,7 +215,7 @@ class SFTTrainer:
         state = dist.full_state_dict(self.engine, self.cfg.hardware.zero_stage)
         target = self.out_dir / "final"
         if self.rank == 0:
-            state = models.merge_lora_state_dict(state, models.lora_scalings(self.engine.module))
+            state = lora.merge_lora_state_dict(state, lora.lora_scalings(self.engine.module))
             models.save_hf(self.engine.module.config, state, self.tokenizer, target, self.cfg.model.dtype)
             log.info("sft: final model saved to %s", target)
         dist.barrier()

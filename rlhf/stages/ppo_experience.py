@@ -1,0 +1,105 @@
+"""PPO's experience: a batch of prompts sampled by the actor and scored by the four models, with the KL-shaped
+rewards and advantages (GAE with the critic, or a group baseline) that the update learns from."""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+from omegaconf import DictConfig
+
+from rlhf import dist, rollout
+from rlhf.data import builtin
+from rlhf.data.tokenize import pad_left
+from rlhf.ppo import functional as F
+from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
+
+
+class Experience(NamedTuple):
+    """One batch of rollouts. B rows, prompt width P, response width R; response tensors are [B, R]."""
+
+    sequences: torch.Tensor  # [B, P + R] left-padded prompt then response (pad after EOS)
+    attention_mask: torch.Tensor  # [B, P + R]
+    response_mask: torch.Tensor  # [B, R] 1 up to and including the first EOS
+    logprobs: torch.Tensor  # actor log-probs of the sampled tokens when sampled
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor  # critic values of the state before each token
+    rewards: torch.Tensor  # shaped: -kl_coef * KL per token, plus the score at the last token
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # [B] the score used (normalised, clipped, EOS penalty)
+    raw_scores: torch.Tensor  # [B] the reward model's raw score
+    kl: torch.Tensor  # [B] summed KL to the reference
+    gold: torch.Tensor  # [B] the gold score of each response (nan where the prompt has no built-in answer)
+    texts: list[tuple]  # (prompt as written, response text, raw score) per row, for the sample tables
+    generation_s: float  # seconds spent sampling, without the scoring passes
+
+
+@torch.no_grad()
+def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok, kl_coef: float) -> Experience:
+    """Rollouts for prompts ({prompt, input_ids}, each prompt's samples in consecutive rows), scored: actor and
+    reference log-probs, critic values, the reward, KL-shaped rewards and the advantages of `stage.advantage`."""
+    eng.eval_mode()
+    prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id, stage.prompt_width)
+    width = prompts["input_ids"].shape[1]
+    started = time.perf_counter()
+    rolled = eng.generate(prompts)
+    sequences = rolled.sequences.cpu()
+    generation_s = time.perf_counter() - started  # generation alone, without the experience forward passes
+    resp_mask = rollout.response_mask(sequences[:, width:], tok.eos_token_id)
+    resp_mask[:, 0] = 1
+    mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
+    texts = [
+        tok.decode(seq[width:][m.bool()], skip_special_tokens=True) for seq, m in zip(sequences, resp_mask, strict=True)
+    ]
+    prompt_texts = [row["prompt"] for row in batch]  # as written (a string or chat messages), not templated
+
+    if rolled.logprobs is not None and stage.reuse_rollout_logprobs:
+        logprobs = rolled.logprobs.cpu()  # the actor's at sampling time: a fresh forward equals them up to rounding
+    else:
+        logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
+    ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
+    values = torch.zeros_like(logprobs)
+    if eng.critic is not None:
+        device = eng.critic.device
+        values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
+    raw = eng.score(prompt_texts, texts, sequences, mask)
+    scores = raw.clone()
+    if stage.normalize_reward and eng.reward is not None:
+        scores = (scores - eng.reward_stats["mean"]) / max(eng.reward_stats["std"], 1e-8)
+    reached_eos = (sequences[:, width:] == tok.eos_token_id).any(dim=1)
+    scores = scores + stage.no_eos_penalty * (~reached_eos).float()
+    scores = scores.clamp(-stage.score_clip, stage.score_clip)
+
+    m = resp_mask.float()
+    kl = F.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
+    rewards = F.shaped_rewards(scores, kl, m, kl_coef)
+    if stage.advantage == "gae":
+        advantages, returns = F.gae(rewards, values * m, m, stage.gamma, stage.lam)
+        if stage.whiten_advantages:  # over the global batch: every rank's advantages on one scale
+            advantages = F.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
+    else:  # each prompt's samples are consecutive rows of this rank's batch (prompt_batches)
+        group = F.group_advantages(rewards.sum(dim=1), stage.samples_per_prompt, stage.advantage)
+        advantages, returns = group[:, None] * m, torch.zeros_like(rewards)
+    gold_scores = [
+        builtin.score(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")
+        for p, t in zip(prompt_texts, texts, strict=True)
+    ]
+    return Experience(
+        sequences,
+        mask,
+        resp_mask,
+        logprobs,
+        ref_logprobs,
+        values * m,
+        rewards,
+        advantages,
+        returns,
+        scores,
+        raw,
+        kl.sum(dim=1),
+        torch.tensor(gold_scores, dtype=torch.float),
+        list(zip(prompt_texts, texts, raw.tolist(), strict=True)),
+        generation_s,
+    )
