@@ -18,14 +18,16 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf import dist
-from rlhf.guard import StepGuard
+
+if TYPE_CHECKING:  # for annotations only: the stage recipes are a layer above
+    from rlhf.stages.loop import Stage
 
 log = logging.getLogger(__name__)
 
@@ -46,21 +48,6 @@ class Preempted(Exception):
         self.signum, self.step, self.path = signum, step, path
         saved = f"checkpoint at step {step}: {path}" if path else "nothing to save yet (no step done)"
         super().__init__(f"stopped by {signal.Signals(signum).name}; {saved}")
-
-
-class Checkpointable(Protocol):
-    """What a stage trainer offers for checkpoints: its trained engines and its own loop state."""
-
-    name: str
-    step: int
-    steps_per_epoch: int
-    guard: StepGuard
-
-    def engines(self) -> dict[str, Any]: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 def stage_folder(run_dir: Path, stage: str) -> Path:
@@ -166,7 +153,7 @@ def read_manifest(path: Path) -> dict:
 
 
 def save(
-    trainer: Checkpointable, folder: Path, cfg: DictConfig, rng: dict, wandb_id: str | None, elapsed_s: float = 0.0
+    trainer: Stage, folder: Path, cfg: DictConfig, rng: dict, wandb_id: str | None, elapsed_s: float = 0.0
 ) -> Path:
     """Write the trainer's checkpoint at its current step into `folder` (every rank calls it) and keep the newest
     `checkpoint.keep_last`; `elapsed_s` is the stage's time so far, over all its invocations. It is written as
@@ -218,7 +205,7 @@ def prune_finished(folder: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load(trainer: Checkpointable, path: Path, cfg: DictConfig) -> dict:
+def load(trainer: Stage, path: Path, cfg: DictConfig) -> dict:
     """Restore every engine, the trainer's state and this rank's RNG from the checkpoint at `path`; a checkpoint
     written under another config is refused with the settings that differ. Returns the manifest."""
     manifest = read_manifest(path)
@@ -285,7 +272,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        trainer: Checkpointable,
+        trainer: Stage,
         cfg: DictConfig,
         folder: Path,
         wandb_id: str | None,

@@ -3,8 +3,8 @@
 `transformers` runs a decoding step through generic modules: per layer, separate q/k/v and gate/up products, a mask
 prepared for every call and CPU matrix products that repack their weight at each call. At batch 8 these products
 stream every weight for 8 rows, so the repacking and the call overheads dominate. This decoder fuses q/k/v and
-gate/up, packs every weight once per rollout into oneDNN's blocked layout on CPU (2-3x faster small-batch products
-measured here), keeps a preallocated KV cache with left padding handled through positions and one boolean column
+gate/up, packs every weight once per rollout into oneDNN's blocked layout on CPU (faster small-batch products, see
+docs/performance.md), keeps a preallocated KV cache with left padding handled through positions and one boolean column
 mask, and lets the caller drop finished rows. It computes the same function as the model's own forward, up to the
 rounding of the changed order of operations.
 """

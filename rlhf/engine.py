@@ -95,7 +95,7 @@ def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig, lr: float | Non
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=groups[0]["lr"], betas=betas, eps=opt_cfg.eps, adamw_mode=True)
-    # fused: one vectorised kernel over all tensors; on CPU 4x faster than the default per-tensor loop
+    # fused: one vectorised kernel over all tensors, much faster on CPU than the per-tensor loop (docs/performance.md)
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=betas, eps=opt_cfg.eps, fused=True)
 
 
@@ -134,8 +134,8 @@ def initialize(
     )
     engine, *_ = quiet_initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
-        # alone, DeepSpeed's all-reduce only flattens every gradient into a buffer and copies it back (0.35 s a
-        # step for 134M bf16 parameters here); ZeRO stages need the call, as it fills their gradient partitions
+        # alone, DeepSpeed's all-reduce only flattens every gradient into a buffer and copies it back (a cost per
+        # step, docs/performance.md); ZeRO stages need the call, as it fills their gradient partitions
         engine.enable_backward_allreduce = False
     return engine
 

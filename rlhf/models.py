@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf import lora
 from rlhf.config import DType, Source, cache_dir
+from rlhf.ppo.functional import last_valid_index
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +256,6 @@ def save_hf(
     return target
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the position of the last real token: right, left or no padding alike, and whether or not the pad
-    token equals EOS (only the mask is read)."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (attention_mask.long() * positions).argmax(dim=1)
-
-
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so a left-padded row sees the positions a right-padded one does."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -301,7 +295,7 @@ class RewardModel(nn.Module):
         values = self.values(input_ids, attention_mask)
         if per_token:
             return values
-        return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+        return values.gather(1, last_valid_index(attention_mask).unsqueeze(1)).squeeze(1)
 
 
 def _forward_args(module: nn.Module) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, StaticCache
 
-from rlhf import decoder, lora
+from rlhf import decoder, lora, models
 
 
 @dataclass
@@ -43,7 +43,7 @@ def sample_next(
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest prefix reaching top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry (8 ms a step here). The sum
+    # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry (docs/performance.md). The sum
     # runs in float64: in float32, tokens after a dominant one lose masses under 1e-7 to rounding (a bias by id).
     cumulative = probs.double().cumsum(dim=-1)
     uniform = 1.0 - torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=torch.float64)  # (0, 1]
@@ -56,7 +56,7 @@ class _StaticCacheStepper:
 
     drops_rows = False
 
-    def __init__(self, model, batch: int, max_len: int) -> None:
+    def __init__(self, model, max_len: int) -> None:
         self.model, self.max_len = model, max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
 
@@ -82,7 +82,7 @@ def stepper(model, batch: int, max_len: int):
     """The fastest way this engine has to run `model`: the lean decoder where it covers the model."""
     if decoder.unsupported(model) is None:
         return _DecoderStepper(model, batch, max_len)
-    return _StaticCacheStepper(model, batch, max_len)
+    return _StaticCacheStepper(model, max_len)
 
 
 @torch.no_grad()
@@ -115,7 +115,7 @@ def generate(
     valid[:, :width] = attention_mask.bool()
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     eye = torch.eye(width, dtype=torch.bool, device=device)  # padding attends to itself
-    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    positions = models.position_ids(attention_mask)
     logits = step_model.forward(input_ids, positions, 0, (valid[:, None, :width] & causal) | eye)
     if samples_per_prompt > 1:
         copies = torch.arange(prompts, device=device).repeat_interleave(samples_per_prompt)

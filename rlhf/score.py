@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from rlhf.config import DataConfig
 from rlhf.data.sources import RowError, read_local
-from rlhf.data.tokenize import Prompt, PromptFormat, encode_response, pad_right
+from rlhf.data.tokenize import Prompt, PromptFormat, response_batch
 from rlhf.models import ModelError, load_reward_model, reward_stats
 
 
@@ -32,11 +32,8 @@ def score(model, tokenizer, data_cfg, prompts: list[Prompt], responses: list[str
     scores: list[float] = []
     pairs = list(zip(prompts, responses, strict=True))
     for start in range(0, len(pairs), batch_size):
-        rows = []
-        for prompt, response in pairs[start : start + batch_size]:
-            ids = encode_response(tokenizer, fmt, prompt, response, data_cfg)
-            rows.append({"input_ids": ids, "labels": ids})
-        batch = pad_right(rows, tokenizer.pad_token_id)
+        prompt_part, response_part = zip(*pairs[start : start + batch_size], strict=True)
+        batch = response_batch(tokenizer, fmt, list(prompt_part), list(response_part), data_cfg)
         scores += model(batch["input_ids"], batch["attention_mask"]).tolist()
     return scores
 

@@ -61,6 +61,13 @@ class Tracker:
         self.mode = resolve_mode(cfg.logger.mode)
         self.enabled = rank == 0 and self.mode != "disabled"
 
+    @classmethod
+    def off(cls, cfg: DictConfig, stage: str) -> Tracker:
+        """A tracker that records nothing (a trainer driven from Python without a W&B run)."""
+        tracker = cls(cfg, stage, Path("."))
+        tracker.enabled = False
+        return tracker
+
     def _started(self):
         """The W&B run, started on first use; None when disabled."""
         if self.run is None and self.enabled:

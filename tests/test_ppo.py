@@ -17,7 +17,7 @@ from rlhf.compose import compose
 from rlhf.config import ConfigError, DType
 from rlhf.data.tokenize import used_columns
 from rlhf.lora import merged_lora
-from rlhf.ppo import functional as F
+from rlhf.ppo import functional as ppo_math
 from rlhf.rollout import response_mask
 from rlhf.stages.ppo import PPOTrainer
 from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
@@ -127,14 +127,13 @@ def test_lora_actor_trains_only_lora_and_merged_generation_matches(tmp_path: Pat
         with merged_lora(actor):
             merged = actor(input_ids=ids).logits
     torch.testing.assert_close(merged, plain, rtol=1e-4, atol=1e-5)
-    for prompts in trainer.prompt_batches():
-        trainer.train_step(trainer.generate_experience(prompts))
+    summary = trainer.train()
     changed = {n for n, p in actor.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)
     critic_changed = {n for n, p in critic.named_parameters() if not torch.equal(p, critic_before[n])}
     assert any(".lora_" in n for n in critic_changed)  # the critic's LoRA trains, and its value head with it
     assert all(".lora_" in n or n.startswith("score.") for n in critic_changed), critic_changed
-    assert trainer.train()["steps"] == 2  # nothing left to run: the summary of what was done
+    assert summary["steps"] == 2
 
 
 def test_zero3_actor_on_two_processes(tmp_path: Path, tiny_reward: Path) -> None:
@@ -202,8 +201,8 @@ def test_actor_logprobs_with_the_head_on_response_positions_only_equal_the_full_
         ours, entropy = actor_logprobs(model, sequences, mask, 12, 0.7, entropy=True)
         full = model(input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask)).logits
     expected = full[:, 11:-1] / 0.7
-    torch.testing.assert_close(ours, F.logprobs_of(expected, sequences[:, 12:]), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(entropy, F.entropy_of(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, ppo_math.logprobs_of(expected, sequences[:, 12:]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, ppo_math.entropy_of(expected), rtol=1e-5, atol=1e-5)
 
 
 def test_a_micro_batch_cut_to_its_used_columns_gives_the_same_logprobs() -> None:
@@ -352,8 +351,7 @@ def test_ema_is_updated_after_every_actor_optimizer_step(dist_process_group) -> 
     trainer = function_reward_trainer("stage.ema_beta=0.5", "stage.ppo_epochs=2", "stage.mini_batches=2")
     engine = trainer.engine
     before = {n: t.clone() for n, t in trainer.ema.items()}
-    for prompts in trainer.prompt_batches():
-        trainer.train_step(trainer.generate_experience(prompts))
+    trainer.train_step(trainer.generate_experience(trainer.prompt_batch(0)))
     assert trainer.ema_updates == 4 == engine.actor.global_steps  # 2 epochs x 2 mini-batches
     actor = trainer._actor_state()
     name = next(n for n in actor if "q_proj" in n)
@@ -365,7 +363,7 @@ def test_samples_per_prompt_repeats_each_prompt_and_steps_on_all_its_rollouts(di
         "stage.global_batch=4", "stage.samples_per_prompt=3", "stage.ppo_epochs=1", "stage.mini_batches=3"
     )
     engine = trainer.engine
-    batch = next(trainer.prompt_batches())
+    batch = trainer.prompt_batch(0)
     prompts = [row["prompt"] for row in batch]
     assert len(batch) == 12 and len(set(prompts)) == 4
     assert all(prompts[i] == prompts[i - i % 3] for i in range(12))  # each prompt 3 times in a row
@@ -384,7 +382,7 @@ def test_a_group_estimator_builds_trains_and_checkpoints_no_critic(dist_process_
     trainer = function_reward_trainer("stage.global_batch=4", "stage.samples_per_prompt=2", "stage.advantage=rloo")
     engine = trainer.engine
     assert engine.critic is None and list(trainer.engines()) == ["actor"]
-    exp = trainer.generate_experience(next(trainer.prompt_batches()))
+    exp = trainer.generate_experience(trainer.prompt_batch(0))
     pairs = (exp.scores - trainer.kl_ctl.value * exp.kl).view(-1, 2)
     expected = torch.stack([pairs[:, 0] - pairs[:, 1], pairs[:, 1] - pairs[:, 0]], dim=1).flatten()
     assert exp.advantages[:, 0].tolist() == pytest.approx(expected.tolist(), abs=1e-5)  # token 0 is always valid

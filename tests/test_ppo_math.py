@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf.ppo import functional as F
+from rlhf.ppo import functional as ppo_math
 
 
 @pytest.fixture
@@ -27,8 +27,8 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def test_kl_shaped_rewards_put_the_score_at_the_last_valid_token(batch) -> None:
-    kl = F.kl_penalty(batch["logp"], batch["ref"], "k1")
-    rewards = F.shaped_rewards(batch["score"], kl, batch["mask"], kl_coef=0.1)
+    kl = ppo_math.kl_penalty(batch["logp"], batch["ref"], "k1")
+    rewards = ppo_math.shaped_rewards(batch["score"], kl, batch["mask"], kl_coef=0.1)
     for i, row in enumerate(batch["mask"]):
         last = int(row.sum()) - 1
         for t in range(row.numel()):
@@ -39,17 +39,17 @@ def test_kl_shaped_rewards_put_the_score_at_the_last_valid_token(batch) -> None:
 
 
 def test_k3_is_non_negative_and_matches_its_formula(batch) -> None:
-    k3 = F.kl_penalty(batch["logp"], batch["ref"], "k3")
+    k3 = ppo_math.kl_penalty(batch["logp"], batch["ref"], "k3")
     ratio = torch.exp(batch["ref"] - batch["logp"])
     torch.testing.assert_close(k3, ratio - 1 - torch.log(ratio))
     assert (k3 >= -1e-7).all()
     with pytest.raises(ValueError, match="unknown KL estimator"):
-        F.kl_penalty(batch["logp"], batch["ref"], "k2")
+        ppo_math.kl_penalty(batch["logp"], batch["ref"], "k2")
 
 
 def test_gae_matches_a_reference_loop(batch) -> None:
     gamma, lam = 0.99, 0.95
-    advantages, returns = F.gae(batch["rewards"], batch["values"], batch["mask"], gamma, lam)
+    advantages, returns = ppo_math.gae(batch["rewards"], batch["values"], batch["mask"], gamma, lam)
     for i, row in enumerate(batch["mask"]):
         n = int(row.sum())
         r, v = batch["rewards"][i, :n].tolist(), batch["values"][i, :n].tolist()
@@ -64,7 +64,7 @@ def test_gae_matches_a_reference_loop(batch) -> None:
 
 
 def test_whitening_over_valid_entries(batch) -> None:
-    out = F.whiten(batch["adv"], batch["mask"])
+    out = ppo_math.whiten(batch["adv"], batch["mask"])
     valid = out[batch["mask"].bool()]
     assert valid.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert valid.std().item() == pytest.approx(1.0, abs=1e-3)
@@ -74,7 +74,7 @@ def test_whitening_over_valid_entries(batch) -> None:
 def test_policy_loss_and_clipping_against_a_loop(batch) -> None:
     clip = 0.2
     new = batch["logp"] + torch.randn_like(batch["logp"]) * 0.3
-    loss, clipfrac, approx_kl = F.policy_loss(new, batch["logp"], batch["adv"], batch["mask"], clip)
+    loss, clipfrac, approx_kl = ppo_math.policy_loss(new, batch["logp"], batch["adv"], batch["mask"], clip)
     terms, clipped_count, kls = [], 0, []
     for i, row in enumerate(batch["mask"]):
         for t in range(int(row.sum())):
@@ -87,8 +87,10 @@ def test_policy_loss_and_clipping_against_a_loop(batch) -> None:
     assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
     assert clipfrac.item() == pytest.approx(clipped_count / len(terms))
     assert approx_kl.item() == pytest.approx(sum(kls) / len(kls), abs=1e-6)
-    same, zero_clip, _ = F.policy_loss(batch["logp"], batch["logp"], batch["adv"], batch["mask"], clip)
-    assert zero_clip.item() == 0 and same.item() == pytest.approx(-F.masked_mean(batch["adv"], batch["mask"]).item())
+    same, zero_clip, _ = ppo_math.policy_loss(batch["logp"], batch["logp"], batch["adv"], batch["mask"], clip)
+    assert zero_clip.item() == 0 and same.item() == pytest.approx(
+        -ppo_math.masked_mean(batch["adv"], batch["mask"]).item()
+    )
 
 
 def test_value_loss_and_clipping_against_a_loop(batch) -> None:
@@ -96,7 +98,7 @@ def test_value_loss_and_clipping_against_a_loop(batch) -> None:
     old = batch["values"]
     new = old + torch.randn_like(old) * 0.5
     returns = batch["rewards"]
-    loss, clipfrac = F.value_loss(new, old, returns, batch["mask"], clip)
+    loss, clipfrac = ppo_math.value_loss(new, old, returns, batch["mask"], clip)
     terms, bits = [], 0
     for i, row in enumerate(batch["mask"]):
         for t in range(int(row.sum())):
@@ -113,20 +115,22 @@ def test_logprobs_entropy_and_explained_variance() -> None:
     logits = torch.randn(2, 3, 7)
     labels = torch.randint(0, 7, (2, 3))
     expected = torch.log_softmax(logits, -1)[torch.arange(2)[:, None], torch.arange(3)[None, :], labels]
-    torch.testing.assert_close(F.logprobs_of(logits, labels), expected)
+    torch.testing.assert_close(ppo_math.logprobs_of(logits, labels), expected)
     uniform = torch.zeros(1, 1, 8)
-    assert F.entropy_of(uniform).item() == pytest.approx(math.log(8))
+    assert ppo_math.entropy_of(uniform).item() == pytest.approx(math.log(8))
     mask = torch.ones(2, 3)
     returns = torch.randn(2, 3)
-    assert F.explained_variance(returns, returns, mask) == pytest.approx(1.0)
-    assert F.explained_variance(torch.full_like(returns, returns.mean()), returns, mask) == pytest.approx(0.0, abs=1e-6)
+    assert ppo_math.explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    assert ppo_math.explained_variance(torch.full_like(returns, returns.mean()), returns, mask) == pytest.approx(
+        0.0, abs=1e-6
+    )
 
 
 def test_kl_controller() -> None:
-    fixed = F.KLController(0.1)
+    fixed = ppo_math.KLController(0.1)
     fixed.update(100.0, 64)
     assert fixed.value == 0.1
-    adaptive = F.KLController(0.1, target=6.0, horizon=1000)
+    adaptive = ppo_math.KLController(0.1, target=6.0, horizon=1000)
     adaptive.update(12.0, 100)  # KL above target: the coefficient grows (error capped at +20%)
     assert adaptive.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
     adaptive.update(0.0, 100)
@@ -150,16 +154,16 @@ def test_whitening_and_explained_variance_over_ranks_equal_those_of_the_whole_ba
 
         return all_reduce
 
-    whole = F.whiten(x, mask)
+    whole = ppo_math.whiten(x, mask)
     for rank, (part, part_mask) in enumerate(halves):
-        alone = F.whiten(part, part_mask)
-        shared = F.whiten(part, part_mask, all_reduce=sum_over_ranks(rank))
+        alone = ppo_math.whiten(part, part_mask)
+        shared = ppo_math.whiten(part, part_mask, all_reduce=sum_over_ranks(rank))
         torch.testing.assert_close(shared, whole[:2] if rank == 0 else whole[2:], rtol=1e-5, atol=1e-6)
         assert not torch.allclose(alone, shared)  # one rank's statistics are not the batch's
     values = x + 0.3 * torch.randn_like(x)
     returns = x
-    global_ev = F.explained_variance(values, returns, mask)
-    part_ev = F.explained_variance(values[:2], returns[:2], mask[:2], all_reduce=None)
+    global_ev = ppo_math.explained_variance(values, returns, mask)
+    part_ev = ppo_math.explained_variance(values[:2], returns[:2], mask[:2], all_reduce=None)
     assert part_ev != pytest.approx(global_ev)
 
 
@@ -168,14 +172,14 @@ def test_logprobs_and_entropy_take_one_log_softmax_and_the_entropy_no_graph(monk
     logits = torch.randn(2, 3, 11, requires_grad=True)
     labels = torch.randint(0, 11, (2, 3))
     calls = []
-    log_softmax = F.F.log_softmax
-    monkeypatch.setattr(F.F, "log_softmax", lambda *a, **k: calls.append(1) or log_softmax(*a, **k))
-    logprobs, entropy = F.logprobs_and_entropy(logits, labels)
+    log_softmax = ppo_math.F.log_softmax
+    monkeypatch.setattr(ppo_math.F, "log_softmax", lambda *a, **k: calls.append(1) or log_softmax(*a, **k))
+    logprobs, entropy = ppo_math.logprobs_and_entropy(logits, labels)
     assert len(calls) == 1
     assert logprobs.requires_grad and not entropy.requires_grad
     monkeypatch.undo()
-    torch.testing.assert_close(logprobs, F.logprobs_of(logits, labels))
-    torch.testing.assert_close(entropy, F.entropy_of(logits))
+    torch.testing.assert_close(logprobs, ppo_math.logprobs_of(logits, labels))
+    torch.testing.assert_close(entropy, ppo_math.entropy_of(logits))
 
 
 def test_full_kl_is_the_kl_of_the_whole_distributions() -> None:
@@ -184,8 +188,10 @@ def test_full_kl_is_the_kl_of_the_whole_distributions() -> None:
     expected = torch.distributions.kl_divergence(
         torch.distributions.Categorical(logits=p), torch.distributions.Categorical(logits=q)
     )
-    torch.testing.assert_close(F.full_kl(p, q), expected, rtol=1e-5, atol=1e-6)
-    assert torch.all(F.full_kl(p, q) > 0) and torch.allclose(F.full_kl(p, p), torch.zeros(2, 3), atol=1e-6)
+    torch.testing.assert_close(ppo_math.full_kl(p, q), expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(ppo_math.full_kl(p, q) > 0) and torch.allclose(
+        ppo_math.full_kl(p, p), torch.zeros(2, 3), atol=1e-6
+    )
 
 
 def test_ptx_blocks_never_repeat_across_ranks_epochs_and_iterations_before_the_corpus_is_used() -> None:
@@ -196,19 +202,24 @@ def test_ptx_blocks_never_repeat_across_ranks_epochs_and_iterations_before_the_c
         for epoch in range(epochs):
             for rank in range(world):
                 for row in range(0, per_rank, micro):
-                    seen += F.ptx_block_indices(iteration * epochs + epoch, rank, world, per_rank, row, micro, n_blocks)
+                    seen += ppo_math.ptx_block_indices(
+                        iteration * epochs + epoch, rank, world, per_rank, row, micro, n_blocks
+                    )
     assert sorted(seen) == list(range(n_blocks))
-    assert F.ptx_block_indices(iterations * epochs, 0, world, per_rank, 0, 2, n_blocks) == [0, 1]  # then it wraps
+    assert ppo_math.ptx_block_indices(iterations * epochs, 0, world, per_rank, 0, 2, n_blocks) == [
+        0,
+        1,
+    ]  # then it wraps
 
 
 def test_group_advantages_against_hand_computed_values() -> None:
     returns = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])  # two prompts of 4 samples
     # rloo: r_i minus the mean of the other three
-    rloo = F.group_advantages(returns, 4, "rloo")
+    rloo = ppo_math.group_advantages(returns, 4, "rloo")
     assert rloo.tolist() == pytest.approx([1 - 1 / 3, -2 / 3, -2 / 3, 1 - 1 / 3, 0, 0, 0, 0])
     # grpo: (r - 0.5) / unbiased std of [1, 0, 0, 1] (= sqrt(1/3)); a group that agrees gets 0, not a division by 0
-    grpo = F.group_advantages(returns, 4, "grpo")
+    grpo = ppo_math.group_advantages(returns, 4, "grpo")
     std = math.sqrt(1 / 3)
     assert grpo.tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std, 0, 0, 0, 0], rel=1e-3)
     with pytest.raises(ValueError, match="unknown group estimator"):
-        F.group_advantages(returns, 4, "gae")
+        ppo_math.group_advantages(returns, 4, "gae")

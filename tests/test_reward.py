@@ -19,7 +19,8 @@ from rlhf.compose import compose
 from rlhf.config import ArchConfig, ModelConfig
 from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left, pad_right
-from rlhf.models import last_token_index, load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
+from rlhf.models import load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
+from rlhf.ppo.functional import last_valid_index
 from rlhf.stages.reward import RewardTrainer, pair_batch, pairwise_loss
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir
@@ -28,11 +29,11 @@ from tests.test_sft import inspect_wandb, wandb_runs
 TINY_ARCH = ArchConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
 
 
-def test_last_token_index_reads_the_mask_only() -> None:
+def test_the_score_is_read_at_the_last_real_token_whatever_the_padding() -> None:
     right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     left = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
-    assert last_token_index(right).tolist() == [2, 4]
-    assert last_token_index(left).tolist() == [4, 4]
+    assert last_valid_index(right).tolist() == [2, 4]
+    assert last_valid_index(left).tolist() == [4, 4]
 
 
 def test_pairwise_loss() -> None:
@@ -214,7 +215,7 @@ def test_score_statistics_come_from_the_policys_own_answers(tmp_path: Path, dist
     trainer.eval_pairs = [
         p | {"policy_chosen": c, "policy_rejected": r, "kind": k} for p, (c, r, k) in zip(pairs, flags, strict=True)
     ]
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate_pairs()
     with torch.no_grad():
         chosen, rejected = trainer._scores(pair_batch(trainer.eval_pairs, trainer.tokenizer.pad_token_id))
     own = [c for c, (mine, _, _) in zip(chosen.tolist(), flags, strict=True) if mine]
@@ -258,7 +259,7 @@ def test_onpolicy_pairs_come_from_the_policys_graded_answers_and_are_kept_for_a_
     kinds = [p["kind"] for p in trainer.train_pairs]
     assert kinds.count("reference") == len(saved["train"]) == kinds.count("data")  # static_fraction 0.5: as many
     assert [p["kind"] for p in trainer.eval_pairs] == ["reference"] * len(saved["eval"])
-    stats = trainer.evaluate()
+    stats = trainer.evaluate_pairs()
     assert "reward/acc_reference" in stats and trainer.score_stats["answers"] == len(saved["eval"])  # the policy's only
 
     (tmp_path / "reward" / "onpolicy_pairs.json").write_text(

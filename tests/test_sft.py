@@ -144,7 +144,7 @@ def test_an_empty_eval_split_gives_no_eval_loss_not_zero(lora_trainer: SFTTraine
     lora_trainer.eval_examples = []
     try:
         with caplog.at_level(logging.WARNING):
-            loss = lora_trainer.evaluate()
+            loss = lora_trainer.eval_loss()
     finally:
         lora_trainer.eval_examples = kept
     assert math.isnan(loss)

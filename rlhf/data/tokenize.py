@@ -74,6 +74,14 @@ def encode_response(tokenizer, fmt: PromptFormat, prompt: Prompt, response: str,
     return prompt_ids[-data_cfg.max_prompt_len :] + answer_ids[: data_cfg.max_answer_len]
 
 
+def response_batch(
+    tokenizer, fmt: PromptFormat, prompts: list[Prompt], responses: list[str], data_cfg: DictConfig
+) -> dict[str, torch.Tensor]:
+    """`encode_response` of each (prompt, response), right-padded into one batch for the reward model."""
+    rows = [encode_response(tokenizer, fmt, p, r, data_cfg) for p, r in zip(prompts, responses, strict=True)]
+    return pad_right([{"input_ids": ids, "labels": ids} for ids in rows], tokenizer.pad_token_id)
+
+
 def encode_pair(tokenizer, fmt: PromptFormat, prompt: Prompt, chosen: str, rejected: str, data_cfg: DictConfig) -> dict:
     """`encode_response` of the chosen and of the rejected answer."""
     return {

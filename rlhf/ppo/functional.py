@@ -38,14 +38,11 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce | 
     return mean, max(var, 0.0)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_reduce: AllReduce | None = None):
+def whiten(x: torch.Tensor, mask: torch.Tensor, all_reduce: AllReduce | None = None) -> torch.Tensor:
     """(x - mean) / std over the valid entries (of all ranks' batches with `all_reduce`); invalid entries come
     out 0."""
     mean, var = global_moments(x, mask, all_reduce)
-    out = (x - mean) / (var + 1e-8) ** 0.5
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    return (x - mean) / (var + 1e-8) ** 0.5 * mask
 
 
 def logprobs_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Stage trainers behind one small protocol, and running one stage with its W&B run, summary and table."""
+"""The stage recipes (each a `loop.Stage`), and running one stage with its W&B run, summary and table."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Protocol
 
 from omegaconf import DictConfig
 
 from rlhf import checkpoint, dist
-from rlhf.checkpoint import Checkpointer
 from rlhf.config import cache_dir, world_size
 from rlhf.plan import model_params
 from rlhf.progress import markdown_table
+from rlhf.stages.loop import Stage
 from rlhf.stages.ppo import PPOTrainer
 from rlhf.stages.reward import RewardTrainer
 from rlhf.stages.sft import SFTTrainer
@@ -24,29 +23,7 @@ from rlhf.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
-class StageTrainer(Protocol):
-    """What every stage trainer offers: the runner calls setup, train, save; checkpoints use engines and the loop
-    state (`state_dict`, `load_state_dict`), and set `checkpoints` before training."""
-
-    name: str
-    step: int
-    steps_per_epoch: int
-    checkpoints: Checkpointer | None
-
-    def setup(self) -> None: ...
-
-    def train(self) -> dict: ...
-
-    def save(self) -> Path: ...
-
-    def engines(self) -> dict: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-
-TRAINERS: dict[str, type[StageTrainer]] = {"sft": SFTTrainer, "reward": RewardTrainer, "ppo": PPOTrainer}
+TRAINERS: dict[str, type[Stage]] = {"sft": SFTTrainer, "reward": RewardTrainer, "ppo": PPOTrainer}
 MODEL_OPTION = {"sft": "model", "reward": "reward_model", "ppo": "model"}  # the model option a stage trains
 
 

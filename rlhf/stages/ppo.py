@@ -23,8 +23,9 @@ from rlhf.data.tokenize import (
     used_columns,
 )
 from rlhf.guard import StepGuard, all_finite
-from rlhf.ppo import functional as F
-from rlhf.progress import StepLog, eval_due
+from rlhf.ppo import functional as ppo_math
+from rlhf.stages import loop
+from rlhf.stages.loop import LoopProgress, StepOutcome
 from rlhf.stages.ppo_experience import Experience, build_experience
 from rlhf.stages.ppo_models import RewardFn, RLHFEngine, actor_logprobs, response_logits
 from rlhf.tracking import Tracker
@@ -36,7 +37,7 @@ SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss
 
 class PPOTrainer:
     """PPO iterations over the prompt share of the data mix; the stage protocol plus the pieces of the loop
-    (`prompt_batches`, `generate_experience`, `train_step`) for people who write their own."""
+    (`prompt_batch`, `generate_experience`, `train_step`) for people who write their own."""
 
     name = "ppo"
 
@@ -49,12 +50,12 @@ class PPOTrainer:
         reward_fn: RewardFn | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.engine, self.reward_fn = cfg, run_dir, engine, reward_fn
-        self.tracker = tracker or Tracker(cfg, self.name, run_dir or Path("."), rank=1)  # rank 1: a no-op tracker
+        self.tracker = tracker or Tracker.off(cfg, self.name)
         self.step = 0
         self.rank, self.world = dist.rank(), dist.world_size()
         self.ema: dict[str, torch.Tensor] | None = None
         self.ema_updates = 0
-        self.progress: dict = {"history": [], "evals": {}, "gen_s": 0.0, "rollout_s": 0.0, "train_s": 0.0}
+        self.progress = LoopProgress()
         self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
         self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
         if engine is not None:
@@ -79,7 +80,7 @@ class PPOTrainer:
         if self.engine is None:
             self.engine = RLHFEngine(cfg, self.total_steps, self.reward_fn)
         torch.manual_seed(dist.rank_seed(cfg.seed))  # the models are built: from here on ranks sample apart
-        self.kl_ctl = F.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
+        self.kl_ctl = ppo_math.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
         if stage.ema_beta > 0:
             state = self._actor_state()  # every rank joins the gather; rank 0 keeps the copy
             self.ema = {n: t.float().clone() for n, t in state.items()}
@@ -110,13 +111,17 @@ class PPOTrainer:
             return None
         return record if len(record.prompts) == len(self.gold_rows) - len(self.gold_rows) % self.world else None
 
-    def prompt_batches(self) -> Iterator[list[dict]]:
-        """This rank's prompts ({prompt, input_ids}) for each remaining iteration, each `samples_per_prompt` times
-        in a row: a pure function of (seed, step)."""
+    def prompt_batch(self, step: int) -> list[dict]:
+        """This rank's prompts ({prompt, input_ids}) for iteration `step`, each `samples_per_prompt` times in a
+        row: a pure function of (seed, step)."""
         stage = self.cfg.stage
+        mine = batch_indices(len(self.prompts), stage.global_batch, self.cfg.seed, step, self.rank, self.world)
+        return [self.prompts[i] for i in mine for _ in range(stage.samples_per_prompt)]
+
+    def prompt_batches(self) -> Iterator[list[dict]]:
+        """`prompt_batch` of every remaining iteration, for a loop of your own (`train_step` advances `step`)."""
         while self.step < self.total_steps:
-            mine = batch_indices(len(self.prompts), stage.global_batch, self.cfg.seed, self.step, self.rank, self.world)
-            yield [self.prompts[i] for i in mine for _ in range(stage.samples_per_prompt)]
+            yield self.prompt_batch(self.step)
 
     # 2. experience: sample, then score with the four models (rlhf.stages.ppo_experience)
     def generate_experience(self, batch: list[dict]) -> Experience:
@@ -147,13 +152,13 @@ class PPOTrainer:
                 logprobs, entropy = actor_logprobs(eng.actor, seq, mask, prompt, stage.temperature, entropy=True)
                 old = exp.logprobs[idx, :length].to(actor_dev)
                 advantages = exp.advantages[idx, :length].to(actor_dev)
-                pg_loss, clipfrac, approx_kl = F.policy_loss(logprobs, old, advantages, m, stage.clip_range)
+                pg_loss, clipfrac, approx_kl = ppo_math.policy_loss(logprobs, old, advantages, m, stage.clip_range)
                 loss = pg_loss
                 stats = {
                     "policy_loss": pg_loss.item(),
                     "clipfrac": clipfrac.item(),
                     "approx_kl": approx_kl.item(),
-                    "entropy": F.masked_mean(entropy, m).item(),
+                    "entropy": ppo_math.masked_mean(entropy, m).item(),
                 }
                 if self.ptx_blocks:
                     ptx_loss = self._ptx_loss(self.step * stage.ppo_epochs + epoch, start, len(idx), len(order))
@@ -179,13 +184,15 @@ class PPOTrainer:
         values = critic(seq.to(critic.device), mask.to(critic.device), per_token=True)[:, prompt - 1 : -1]
         old_values = exp.values[idx, :length].to(critic.device)
         returns = exp.returns[idx, :length].to(critic.device)
-        v_loss, v_clipfrac = F.value_loss(values.float(), old_values, returns, m, self.cfg.stage.value_clip)
+        v_loss, v_clipfrac = ppo_math.value_loss(values.float(), old_values, returns, m, self.cfg.stage.value_clip)
         self.guard.backward_step(critic, v_loss)
         return {"value_loss": v_loss.item(), "value_clipfrac": v_clipfrac.item()}
 
     def _ptx_loss(self, pass_index: int, row: int, count: int, per_rank: int) -> torch.Tensor:
-        """The language-model loss on pre-training blocks of this rank's own (see F.ptx_block_indices)."""
-        index = F.ptx_block_indices(pass_index, self.rank, self.world, per_rank, row, count, len(self.ptx_blocks))
+        """The language-model loss on pre-training blocks of this rank's own (see ppo_math.ptx_block_indices)."""
+        index = ppo_math.ptx_block_indices(
+            pass_index, self.rank, self.world, per_rank, row, count, len(self.ptx_blocks)
+        )
         ids = torch.tensor([self.ptx_blocks[i] for i in index], device=self.engine.actor.device)
         return self.engine.actor(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
 
@@ -203,71 +210,60 @@ class PPOTrainer:
         for name, value in self._actor_state().items():
             self.ema[name].mul_(beta).add_(value.float(), alpha=1.0 - beta)
 
-    # 4. the loop: iterations with metrics, sample tables, and the gold-score evaluation before, during and after;
-    # a checkpoint when due and at a stop request (also between experience and learning); an iteration with a
-    # non-finite reward is skipped, as is an update with a non-finite loss
     def train(self) -> dict:
+        """Every remaining step through the stage loop; the summary figures."""
+        return loop.train(self)
+
+    # 4. one iteration: experience, then learning; the loop (rlhf.stages.loop) runs the iterations, evaluations and
+    # checkpoints (also between experience and learning, at a stop request). An iteration with a non-finite reward
+    # is skipped, as is an update with a non-finite loss
+    def run_step(self) -> StepOutcome:
+        stage, timers = self.cfg.stage, self.progress.timers
+        started = time.perf_counter()
+        exp = self.generate_experience(self.prompt_batch(self.step))
+        if self.checkpoints is not None:
+            self.checkpoints.check_stop()
+        experience_s = time.perf_counter() - started
+        if not all_finite(exp.raw_scores, exp.values):
+            self.guard.skip_step()
+            self.step += 1
+            log.warning("ppo iteration %d: non-finite reward or value; skipped", self.step)
+            return StepOutcome({}, {}, (), 0, 0)
+        stats = self.train_step(exp)
+        update_s = time.perf_counter() - started - experience_s
+        for timer, seconds in (("experience_s", experience_s), ("rollout_s", exp.generation_s), ("update_s", update_s)):
+            timers[timer] = timers.get(timer, 0.0) + seconds
+        metrics, tokens = self._iteration_metrics(exp, stats, experience_s, update_s)
+        if self.step % stage.sample_table_interval == 0 or self.step == 1:
+            rows = [{"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in exp.texts[:4]]
+            self.tracker.table("ppo/samples", rows, step=self.step)  # before the loop commits the step
+        log_rate = metrics["perf/gen_tokens_per_s"]
+        return StepOutcome(metrics, {}, SHOWN_METRICS, tokens, ppo_rollouts(stage), metrics, log_rate)
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        """The held-out gold evaluation (see `evaluate_gold`) with its summary figures."""
+        metrics = self.evaluate_gold(when)
+        self.progress.evals |= gold.summary_figures(metrics, "_start" if when == "start" else "")
+        return metrics
+
+    def figures(self) -> dict:
         stage, progress = self.cfg.stage, self.progress
-        steplog = StepLog("ppo", self.total_steps, stage.log_interval, log, enabled=self.rank == 0)
-        evals = progress["evals"]
-        if self.step == 0:
-            if self.checkpoints is not None:
-                self.checkpoints.check_stop()  # a signal while loading: stop before the long held-out generation
-            start = self.evaluate("start")
-            evals |= gold.summary_figures(start, "_start")
-            self.tracker.log(start, step=0)
-        history = progress["history"]
-        for batch in self.prompt_batches():
-            started = time.perf_counter()
-            exp = self.generate_experience(batch)
-            if self.checkpoints is not None:
-                self.checkpoints.check_stop()
-            gen_s = time.perf_counter() - started
-            if guard_ok := all_finite(exp.raw_scores, exp.values):
-                stats = self.train_step(exp)
-            else:
-                self.guard.skip_step()
-                self.step += 1
-            train_s = time.perf_counter() - started - gen_s
-            skipped = self.guard.end_step(self.step)
-            progress["gen_s"] += gen_s
-            progress["rollout_s"] += exp.generation_s
-            progress["train_s"] += train_s
-            metrics: dict[str, float] = {"guard/skipped_steps": self.guard.skipped}
-            if not guard_ok:
-                log.warning("ppo iteration %d: non-finite reward or value; skipped", self.step)
-            else:
-                metrics |= self._iteration_metrics(exp, stats, gen_s, train_s)
-                if not skipped:
-                    history.append(metrics)
-            if eval_due(self.step, self.total_steps, stage.eval_interval, self.checkpoints):
-                metrics |= self.evaluate("end" if self.step == self.total_steps else f"step-{self.step}")
-                evals |= gold.summary_figures(metrics)
-            if guard_ok and (self.step % stage.sample_table_interval == 0 or self.step == 1):
-                rows = [{"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in exp.texts[:4]]
-                self.tracker.table("ppo/samples", rows, step=self.step)
-            self.tracker.log(metrics, step=self.step)  # commits the step: the table must come first
-            if guard_ok:
-                shown = {k: metrics.get(k, float("nan")) for k in SHOWN_METRICS}
-                steplog.step(self.step, shown, metrics["perf/gen_tokens_per_s"], gen_s + train_s)
-            if self.checkpoints is not None:
-                self.checkpoints.step_done(self.total_steps)
+        evals, history, timers = progress.evals, progress.history, progress.timers
         window = max(1, min(5, len(history) // 4))
 
         def mean_of(key: str, rows: list[dict]) -> float:
             values = [r[key] for r in rows if key in r]  # the rollouts' gold figures are rank 0's alone
             return sum(values) / len(values) if values else float("nan")
 
-        gen_s_total, rollout_s_total = progress["gen_s"], progress["rollout_s"]
-        total = gen_s_total + progress["train_s"]
+        total = progress.train_seconds
         return {
             "steps": self.step,
             "samples": self.step * ppo_rollouts(stage),
             "train_s": total,
             "samples_per_s": len(history) * ppo_rollouts(stage) / total if total else 0.0,
             "s_per_step": total / len(history) if history else float("nan"),
-            "gen_time_frac": rollout_s_total / total if total else float("nan"),
-            "experience_time_frac": gen_s_total / total if total else float("nan"),
+            "gen_time_frac": timers.get("rollout_s", 0.0) / total if total else float("nan"),
+            "experience_time_frac": timers.get("experience_s", 0.0) / total if total else float("nan"),
             "tokens_per_s": mean_of("perf/train_tokens_per_s", history),
             "gen_tokens_per_s": mean_of("perf/gen_tokens_per_s", history),
             "reward_first": mean_of("ppo/reward_mean", history[:window]),
@@ -285,9 +281,11 @@ class PPOTrainer:
             "skipped_steps": self.guard.skipped,
         }
 
-    def _iteration_metrics(self, exp: Experience, stats: dict[str, float], gen_s: float, train_s: float) -> dict:
-        """The iteration's figures over all ranks (reward, KL, losses, lengths, throughput); updates the KL
-        controller with the iteration's KL."""
+    def _iteration_metrics(
+        self, exp: Experience, stats: dict[str, float], experience_s: float, update_s: float
+    ) -> tuple[dict[str, float], int]:
+        """The iteration's figures over all ranks (reward, KL, losses, lengths, throughput) and the tokens it
+        trained on; updates the KL controller with the iteration's KL."""
         stage = self.cfg.stage
         m = exp.response_mask.float()
         lengths = exp.response_mask.sum(dim=1).float()
@@ -317,15 +315,16 @@ class PPOTrainer:
             "ppo/eos_rate": eos_sum / n_rows,
             "ppo/actor_lr": self.engine.actor.get_lr()[0],
             "perf/gen_tokens_per_s": len_sum / exp.generation_s,
-            "perf/train_tokens_per_s": train_tokens / train_s,
-            "perf/gen_time_frac": exp.generation_s / (gen_s + train_s),
-            "perf/experience_time_frac": gen_s / (gen_s + train_s),
-            "perf/step_s": gen_s + train_s,
+            "perf/train_tokens_per_s": train_tokens / update_s,
+            "perf/gen_time_frac": exp.generation_s / (experience_s + update_s),
+            "perf/experience_time_frac": experience_s / (experience_s + update_s),
         }
         if self.engine.critic is not None:
-            metrics["ppo/value_explained_var"] = F.explained_variance(exp.values, exp.returns, m, dist.all_reduce_sum)
+            metrics["ppo/value_explained_var"] = ppo_math.explained_variance(
+                exp.values, exp.returns, m, dist.all_reduce_sum
+            )
         self.kl_ctl.update(kl_mean, int(n_rows))
-        return metrics | self._rollout_gold(exp)
+        return metrics | self._rollout_gold(exp), int(train_tokens)
 
     def _rollout_gold(self, exp: Experience) -> dict[str, float]:
         """The gold score of the sampled responses, and how well the reward ranks them as gold does (the AUC of the
@@ -342,7 +341,7 @@ class PPOTrainer:
         return {"ppo/gold_mean": sum(golds) / len(golds), "ppo/reward_gold_auc": stats.auc(list(rewards), list(golds))}
 
     @torch.no_grad()
-    def evaluate(self, when: str) -> dict[str, float]:
+    def evaluate_gold(self, when: str) -> dict[str, float]:
         """On the held-out gold prompts answered greedily: the gold score (with its 95% interval, per family), the
         reward model's raw score, and the KL to the reference along the answers of the first `eval.kl_prompts`
         (the KL of the whole next-token distributions, summed over each answer's tokens, in nats; 0 before the first
@@ -368,7 +367,7 @@ class PPOTrainer:
                 logits = response_logits(eng.actor, sequences, mask, batch.width)
                 ref_logits = response_logits(eng.reference, sequences, mask, batch.width)
                 resp_mask = batch.response_mask[part].to(logits.device)
-                kl_sum += (F.full_kl(logits, ref_logits) * resp_mask).sum().item()
+                kl_sum += (ppo_math.full_kl(logits, ref_logits) * resp_mask).sum().item()
                 kl_rows += len(sequences)
             prompts = [r["prompt"] for r in batch.rows]
             reward_sum += eng.score(prompts, batch.texts, batch.sequences, batch.attention_mask).sum().item()
@@ -436,14 +435,26 @@ class PPOTrainer:
     def state_dict(self) -> dict:
         return {
             "step": self.step,
-            "progress": self.progress,
+            "progress": self.progress.state_dict(),
             "kl_coef": self.kl_ctl.value,
             "ema": self.ema,
             "guard": self.guard.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.progress, self.kl_ctl.value = state["step"], state["progress"], state["kl_coef"]
+        self.step, self.kl_ctl.value = state["step"], state["kl_coef"]
+        progress = state["progress"]
+        if "gen_s" in progress:  # a checkpoint from before the stage loop: the phase times under their old names
+            timers = {"experience_s": progress["gen_s"], "update_s": progress["train_s"]}
+            timers["rollout_s"] = progress["rollout_s"]
+            progress = {
+                "history": progress["history"],
+                "evals": progress["evals"],
+                "train_seconds": progress["gen_s"] + progress["train_s"],
+                "samples": self.step * ppo_rollouts(self.cfg.stage),
+                "timers": timers,
+            }
+        self.progress = LoopProgress.from_state(progress)
         self.guard.load_state_dict(state["guard"])
         if self.ema is not None and self.rank == 0:
             self.ema = state["ema"]

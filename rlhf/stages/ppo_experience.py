@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from rlhf import dist, rollout
 from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left
-from rlhf.ppo import functional as F
+from rlhf.ppo import functional as ppo_math
 from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
 
 
@@ -48,7 +48,6 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
     sequences = rolled.sequences.cpu()
     generation_s = time.perf_counter() - started  # generation alone, without the experience forward passes
     resp_mask = rollout.response_mask(sequences[:, width:], tok.eos_token_id)
-    resp_mask[:, 0] = 1
     mask = torch.cat([prompts["attention_mask"], resp_mask], dim=1)
     texts = [
         tok.decode(seq[width:][m.bool()], skip_special_tokens=True) for seq, m in zip(sequences, resp_mask, strict=True)
@@ -73,14 +72,14 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
     scores = scores.clamp(-stage.score_clip, stage.score_clip)
 
     m = resp_mask.float()
-    kl = F.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
-    rewards = F.shaped_rewards(scores, kl, m, kl_coef)
+    kl = ppo_math.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
+    rewards = ppo_math.shaped_rewards(scores, kl, m, kl_coef)
     if stage.advantage == "gae":
-        advantages, returns = F.gae(rewards, values * m, m, stage.gamma, stage.lam)
+        advantages, returns = ppo_math.gae(rewards, values * m, m, stage.gamma, stage.lam)
         if stage.whiten_advantages:  # over the global batch: every rank's advantages on one scale
-            advantages = F.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
+            advantages = ppo_math.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
     else:  # each prompt's samples are consecutive rows of this rank's batch (prompt_batches)
-        group = F.group_advantages(rewards.sum(dim=1), stage.samples_per_prompt, stage.advantage)
+        group = ppo_math.group_advantages(rewards.sum(dim=1), stage.samples_per_prompt, stage.advantage)
         advantages, returns = group[:, None] * m, torch.zeros_like(rewards)
     gold_scores = [
         builtin.score(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")

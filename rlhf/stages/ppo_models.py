@@ -14,12 +14,8 @@ from transformers import AutoTokenizer
 
 from rlhf import dist, engine, models, rollout
 from rlhf.config import cache_dir, ppo_rollouts, world_size
-from rlhf.data.tokenize import (
-    PromptFormat,
-    encode_response,
-    pad_right,
-)
-from rlhf.ppo import functional as F
+from rlhf.data.tokenize import PromptFormat, response_batch
+from rlhf.ppo import functional as ppo_math
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +186,7 @@ class RLHFEngine:
         if sequences is not None and self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
             return self.reward(sequences.to(self.reward.device), mask.to(self.reward.device)).float().cpu()
         fmt = PromptFormat.for_tokenizer(self.reward_tokenizer, self.cfg.data)
-        rows = [
-            encode_response(self.reward_tokenizer, fmt, p, r, self.cfg.data)
-            for p, r in zip(prompts, responses, strict=True)
-        ]
-        batch = pad_right([{"input_ids": r, "labels": r} for r in rows], self.reward_tokenizer.pad_token_id)
+        batch = response_batch(self.reward_tokenizer, fmt, prompts, responses, self.cfg.data)
         device = self.reward.device
         return self.reward(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
 
@@ -213,7 +205,7 @@ def response_logits(model, sequences: torch.Tensor, mask: torch.Tensor, prompt_w
     sequences, mask = sequences.to(model.device), mask.to(model.device)
     # as indices, not a count: HF then gathers the kept positions into a contiguous tensor, which the LM head's
     # product folds into one matrix product; the strided slice a count gives makes a no-grad forward (the reference)
-    # run it as a batched product over a copy of the head's weight per row (2x slower forward measured)
+    # run it as a batched product over a copy of the head's weight per row (slower: docs/performance.md)
     keep = torch.arange(prompt_width - 1, sequences.shape[1], device=sequences.device)
     logits = model(
         input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask), logits_to_keep=keep
@@ -229,5 +221,5 @@ def actor_logprobs(
     logits = response_logits(model, sequences, mask, prompt_width) / temperature
     labels = sequences[:, prompt_width:].to(logits.device)
     if entropy:
-        return F.logprobs_and_entropy(logits, labels)
-    return F.logprobs_of(logits, labels)
+        return ppo_math.logprobs_and_entropy(logits, labels)
+    return ppo_math.logprobs_of(logits, labels)

@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 
 from rlhf import dist, engine, gold, lora, models, rollout, stats
 from rlhf.checkpoint import Checkpointer
-from rlhf.config import cache_dir, grad_accum_steps
+from rlhf.config import cache_dir
 from rlhf.data import batch_indices, datasets, plan_steps
 from rlhf.data.tokenize import IGNORE_INDEX, pad_right
 from rlhf.guard import StepGuard
-from rlhf.progress import StepLog, describe_plan, eval_due, loss_figures
+from rlhf.progress import describe_plan, loss_figures
+from rlhf.stages import loop
+from rlhf.stages.loop import LoopProgress, StepOutcome
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,8 @@ def eval_share(count: int, limit: int, rank: int, world: int) -> range:
 
 
 class SFTTrainer:
-    """Setup, train, save (Hugging Face folder), and its engines and loop state for checkpoints."""
+    """The SFT recipe (rlhf.stages.loop.Stage): setup, a step, evaluation, save (a Hugging Face folder), and its
+    engine and loop state for checkpoints."""
 
     name = "sft"
 
@@ -40,7 +43,7 @@ class SFTTrainer:
         self.out_dir = run_dir / self.name
         self.step = 0
         self.rank, self.world = dist.rank(), dist.world_size()
-        self.progress: dict = {"history": [], "evals": {}, "train_seconds": 0.0, "train_tokens": 0, "samples": 0}
+        self.progress = LoopProgress()
         self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
         self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
 
@@ -61,7 +64,6 @@ class SFTTrainer:
 
         self.global_batch = cfg.stage.global_batch
         self.micro_batch = cfg.hardware.micro_batch
-        self.accum = grad_accum_steps(cfg)
         self.steps_per_epoch, self.total_steps = plan_steps(
             len(self.train_examples), cfg.stage, "SFT training examples"
         )
@@ -89,63 +91,51 @@ class SFTTrainer:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
-    # 2. train: numbered optimizer steps, each over `accum` micro-batches; eval at 0, every interval and the end;
-    # a checkpoint when due (see rlhf.checkpoint); a step with a non-finite loss is skipped and counted
     def train(self) -> dict:
-        cfg, eng, progress = self.cfg, self.engine, self.progress
-        steplog = StepLog("sft", self.total_steps, cfg.stage.log_interval, log, enabled=self.rank == 0)
-        if self.step == 0:
-            progress["evals"]["eval_loss_start"] = self.evaluate()
-            start = {"sft/eval_loss": progress["evals"]["eval_loss_start"]} | self.evaluate_gold("start")
-            progress["evals"] |= gold.summary_figures(start, "_start")
-            self.tracker.log(start, step=0)
+        """Every remaining step through the stage loop; the summary figures."""
+        return loop.train(self)
+
+    # 2. one optimizer step over this rank's micro-batches; the loop (rlhf.stages.loop) runs the steps, evaluations
+    # and checkpoints
+    def run_step(self) -> StepOutcome:
+        eng = self.engine
         eng.train()
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            loss_sum, answer_tokens, tokens = 0.0, 0, 0
-            for batch in self.micro_batches(self.step):
-                out = eng(**{k: v.to(eng.device) for k, v in batch.items()})
-                finite = self.guard.backward_step(eng, out.loss)
-                n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                loss_sum += out.loss.item() * n_answer if finite else 0.0
-                answer_tokens += n_answer if finite else 0
-                tokens += int(batch["attention_mask"].sum())
-            loss_sum, answer_tokens, tokens = dist.all_reduce_sum([loss_sum, answer_tokens, tokens])
-            step_s = time.perf_counter() - started
-            self.step += 1
-            skipped = self.guard.end_step(self.step)
-            progress["train_seconds"] += step_s
-            progress["train_tokens"] += int(tokens)
-            progress["samples"] += self.global_batch
-            loss = loss_sum / max(answer_tokens, 1)
-            metrics = {
-                "sft/lr": eng.get_lr()[0],
-                "guard/skipped_steps": self.guard.skipped,
-                "perf/tokens_per_s": tokens / step_s,
-                "perf/step_s": step_s,
-                "perf/samples_per_s": self.global_batch / step_s,
-            }
-            if not skipped:
-                progress["history"].append(loss)
-                metrics["sft/loss"] = loss
-            if eval_due(self.step, self.total_steps, cfg.stage.eval_interval, self.checkpoints):
-                metrics["sft/eval_loss"] = self.evaluate()
-                metrics["sft/ppl"] = math.exp(min(metrics["sft/eval_loss"], 50.0))
-                progress["evals"]["eval_loss"] = metrics["sft/eval_loss"]
-                if self.step == self.total_steps:
-                    metrics |= self.evaluate_gold("end")
-                    progress["evals"] |= gold.summary_figures(metrics)
-            self.tracker.log(metrics, step=self.step)
-            shown = {"sft/loss": metrics.get("sft/loss", float("nan")), "sft/lr": metrics["sft/lr"]}
-            steplog.step(self.step, shown, tokens / step_s, step_s)
-            if self.checkpoints is not None:
-                self.checkpoints.step_done(self.total_steps)
-        evals = progress["evals"]
+        loss_sum, answer_tokens, tokens = 0.0, 0, 0
+        for batch in self.micro_batches(self.step):
+            out = eng(**{k: v.to(eng.device) for k, v in batch.items()})
+            finite = self.guard.backward_step(eng, out.loss)
+            n_answer = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss_sum += out.loss.item() * n_answer if finite else 0.0
+            answer_tokens += n_answer if finite else 0
+            tokens += int(batch["attention_mask"].sum())
+        loss_sum, answer_tokens, tokens = dist.all_reduce_sum([loss_sum, answer_tokens, tokens])
+        loss = loss_sum / max(answer_tokens, 1)
+        self.step += 1
+        shown = ("sft/loss", "sft/lr")
+        return StepOutcome({"sft/lr": eng.get_lr()[0]}, {"sft/loss": loss}, shown, int(tokens), self.global_batch, loss)
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        """The eval loss (at the start, every `eval_interval` steps and at the end) and, at the start and the end,
+        the gold score of greedy answers."""
+        evals = self.progress.evals
+        loss = self.eval_loss()
+        if when == "start":
+            evals["eval_loss_start"] = loss
+            metrics = {"sft/eval_loss": loss} | self.evaluate_gold("start")
+            evals |= gold.summary_figures(metrics, "_start")
+            return metrics
+        evals["eval_loss"] = loss
+        metrics = {"sft/eval_loss": loss, "sft/ppl": math.exp(min(loss, 50.0))}
+        if when == "end":
+            metrics |= self.evaluate_gold("end")
+            evals |= gold.summary_figures(metrics)
+        return metrics
+
+    def figures(self) -> dict:
+        progress, evals = self.progress, self.progress.evals
         return {
             "steps": self.step,
-            **loss_figures(
-                progress["history"], progress["samples"], progress["train_seconds"], progress["train_tokens"]
-            ),
+            **loss_figures(progress.history, progress.samples, progress.train_seconds, progress.train_tokens),
             **evals,
             "eval_ppl": math.exp(min(evals.get("eval_loss", float("nan")), 50.0)),
             **gold.delta_figures(self.gold_records),
@@ -156,7 +146,7 @@ class SFTTrainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def eval_loss(self) -> float:
         """Mean answer-token loss on the first `eval_max_batches` x micro-batch examples of the eval split, shared
         out over the ranks (the same examples at any world size, so runs compare); nan when the split is empty."""
         eng = self.engine
@@ -177,7 +167,7 @@ class SFTTrainer:
                 log.warning("sft eval at step %d: the eval split has no answer tokens: no eval loss", self.step)
             return float("nan")
         loss = loss_sum / count
-        self.progress["evals"]["eval_tokens"] = int(count)
+        self.progress.evals["eval_tokens"] = int(count)
         if self.rank == 0:
             log.info(
                 "sft eval at step %d: loss %.4f, ppl %.4g (%d answer tokens)",
@@ -226,8 +216,8 @@ class SFTTrainer:
         return {"model": self.engine}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "progress": self.progress, "guard": self.guard.state_dict()}
+        return {"step": self.step, "progress": self.progress.state_dict(), "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.progress = state["step"], state["progress"]
+        self.step, self.progress = state["step"], LoopProgress.from_state(state["progress"])
         self.guard.load_state_dict(state["guard"])
