@@ -273,6 +273,7 @@ class DataConfig:
     strict: bool = False  # a bad row is an error naming source, row and field (default: skipped and counted)
     rebuild: bool = False  # rebuild the processed-data cache entry even when it exists
     builtin_size: int = 6000
+    builtin_families: list[str] = field(default_factory=list)  # built-in task families to draw (empty: all six)
     max_prompt_len: int = 192
     max_answer_len: int = 128
     template: str = "auto"  # auto: the tokenizer's chat template if it has one, else `plain_template`

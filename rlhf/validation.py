@@ -23,6 +23,7 @@ from rlhf.config import (
     stage_config,
     world_size,
 )
+from rlhf.data import builtin
 from rlhf.data.formats import ADAPTERS
 from rlhf.data.sources import FORMAT_FIELDS
 
@@ -204,6 +205,9 @@ def validate(cfg: DictConfig) -> None:
         f"data.split={list(data.split)} must be three non-negative shares (SFT, reward, PPO) with a positive sum",
     )
     need(0 < data.eval_fraction < 1, f"data.eval_fraction={data.eval_fraction} must be in (0, 1)")
+    families = [f.name for f in builtin.FAMILIES]
+    unknown = [name for name in data.builtin_families if name not in families]
+    need(not unknown, f"data.builtin_families: no family {', '.join(unknown)}; the families: {', '.join(families)}")
     need(len(data.sources) > 0, "data.sources must list at least one source")
     generic = ("pairs", "sft", "text")
     for i, source in enumerate(data.sources):

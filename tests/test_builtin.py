@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-from rlhf.data import builtin
+import pytest
+
+from rlhf.compose import compose
+from rlhf.config import ConfigError
+from rlhf.data import builtin, gold_rows, stage_rows
 
 
 def test_generation_is_deterministic_distinct_and_covers_every_family() -> None:
@@ -40,3 +44,16 @@ def test_gold_scorer_on_hand_written_answers() -> None:
     assert score("What is 1 + 1?", "") == 0.0
     assert score("What is 1 + 1?", "The answer is 2") == 1.0
     assert score("What is 1 + 1?", "The answer is 2, or maybe 3.") == 0.0  # the last number after 'answer is'
+
+
+def test_builtin_families_keeps_only_the_named_families_without_moving_a_prompt_between_splits() -> None:
+    every = compose(["experiment=tiny", "stage=ppo"]).data
+    chosen = compose(["experiment=tiny", "stage=ppo", "data.builtin_families=[word_problem, sorting]"]).data
+    for stage in ("sft", "ppo"):
+        rows = stage_rows(chosen, stage).train
+        assert {r["family"] for r in rows} == {"word_problem", "sorting"}
+        assert {r["prompt"] for r in rows} <= {r["prompt"] for r in stage_rows(every, stage).train}
+    held_out = gold_rows(chosen, "validation", 1000)
+    assert held_out == [r for r in gold_rows(every, "validation", 1000) if r["family"] in ("word_problem", "sorting")]
+    with pytest.raises(ConfigError, match="data.builtin_families: no family word_problems; the families: arithmetic"):
+        compose(["experiment=tiny", "data.builtin_families=[word_problems]"])
