@@ -4,8 +4,9 @@ from a reward in a few minutes; a reward model can only approach it.
 
 PPO trains on one task family (`data.builtin_families=[word_problem]`, the family whose errors are mostly a choice
 the policy can learn: adding for "buys", subtracting for "gives away"). Measured 2026-12-02 from a 60-step SFT with
-these PPO settings: held-out word problems 0.323 -> 0.523 (+20 points, [+7.7, +32.3], 65 prompts). On the full mix
-the same settings lowered validation gold by 3.5 points [-7.5, +0.5] (issue 15)."""
+these PPO settings: held-out word problems 0.323 -> 0.523 (+20 points, [+7.7, +32.3], 65 prompts), and with seed=1
+0.323 -> 0.600 (+27.7, [+15.4, +41.5]). On the full mix the same settings lowered validation gold by 3.5 points
+[-7.5, +0.5] (issue 15)."""
 
 from __future__ import annotations
 
