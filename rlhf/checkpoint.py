@@ -18,7 +18,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,8 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlhf import dist
 
-if TYPE_CHECKING:  # for annotations only: the stage recipes are a layer above
-    from rlhf.stages.loop import Stage
+Stage = Any  # a stage recipe (rlhf.stages.loop.Stage, a layer above): its name, step, engines and loop state
 
 log = logging.getLogger(__name__)
 

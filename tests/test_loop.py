@@ -17,8 +17,6 @@ from rlhf.stages.loop import LoopProgress, StepOutcome
 
 
 class RecordingTracker:
-    rank = 0
-
     def __init__(self) -> None:
         self.logged: list[tuple[int, dict]] = []
 

@@ -26,7 +26,7 @@ from rlhf.guard import StepGuard, all_finite
 from rlhf.ppo import functional as ppo_math
 from rlhf.stages import loop
 from rlhf.stages.loop import LoopProgress, StepOutcome
-from rlhf.stages.ppo_experience import Experience, build_experience
+from rlhf.stages.ppo_experience import Experience, build_experience, rollout_gold
 from rlhf.stages.ppo_models import RewardFn, RLHFEngine, actor_logprobs, response_logits
 from rlhf.tracking import Tracker
 
@@ -86,7 +86,7 @@ class PPOTrainer:
             self.ema = {n: t.float().clone() for n, t in state.items()}
         log.info(
             "ppo: %d prompts (%d dropped as longer than data.max_prompt_len=%d), %d held-out gold prompts (%s), %d "
-            "iterations of %d prompts, world size %d",
+            "iterations of %d prompts x %d samples, world size %d",
             len(self.prompts),
             self.dropped,
             cfg.data.max_prompt_len,
@@ -324,21 +324,7 @@ class PPOTrainer:
                 exp.values, exp.returns, m, dist.all_reduce_sum
             )
         self.kl_ctl.update(kl_mean, int(n_rows))
-        return metrics | self._rollout_gold(exp), int(train_tokens)
-
-    def _rollout_gold(self, exp: Experience) -> dict[str, float]:
-        """The gold score of the sampled responses, and how well the reward ranks them as gold does (the AUC of the
-        raw reward against gold right/wrong): reward hacking shows as a rising reward with a falling AUC."""
-        graded = ~exp.gold.isnan()
-        pairs = list(zip(exp.raw_scores[graded].tolist(), exp.gold[graded].tolist(), strict=True))
-        shares = dist.gather_objects(pairs)
-        if shares is None:  # not rank 0
-            return {}
-        pairs = [pair for share in shares for pair in share]
-        if not pairs:
-            return {}
-        rewards, golds = zip(*pairs, strict=True)
-        return {"ppo/gold_mean": sum(golds) / len(golds), "ppo/reward_gold_auc": stats.auc(list(rewards), list(golds))}
+        return metrics | rollout_gold(exp), int(train_tokens)
 
     @torch.no_grad()
     def evaluate_gold(self, when: str) -> dict[str, float]:

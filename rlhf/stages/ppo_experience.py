@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from omegaconf import DictConfig
 
-from rlhf import dist, rollout
+from rlhf import dist, rollout, stats
 from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left
 from rlhf.ppo import functional as ppo_math
@@ -102,3 +102,18 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
         list(zip(prompt_texts, texts, raw.tolist(), strict=True)),
         generation_s,
     )
+
+
+def rollout_gold(exp: Experience) -> dict[str, float]:
+    """On rank 0, over every rank's rollouts: their gold score, and how well the reward ranks them as gold does (the
+    AUC of the raw reward against gold right/wrong): reward hacking shows as a rising reward with a falling AUC."""
+    graded = ~exp.gold.isnan()
+    pairs = list(zip(exp.raw_scores[graded].tolist(), exp.gold[graded].tolist(), strict=True))
+    shares = dist.gather_objects(pairs)
+    if shares is None:  # not rank 0
+        return {}
+    pairs = [pair for share in shares for pair in share]
+    if not pairs:
+        return {}
+    rewards, golds = zip(*pairs, strict=True)
+    return {"ppo/gold_mean": sum(golds) / len(golds), "ppo/reward_gold_auc": stats.auc(list(rewards), list(golds))}
