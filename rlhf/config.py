@@ -160,6 +160,9 @@ class OnPolicyConfig:
     train_prompts: int = 512  # reward-share training prompts the policy answers (0: all)
     eval_prompts: int = 200  # held-out reward-share prompts it answers for the evaluation pairs (0: all)
     pairs_per_prompt: int = 4  # at most, from one prompt's answers
+    kinds: list[str] = field(
+        default_factory=lambda: ["policy", "reference", "static"]
+    )  # pairs kept, train and held-out
     static_fraction: float = 0.0  # share of the training pairs taken from the static pairs (1: static only, the
     # held-out pairs still the policy's, so reward models trained either way are compared on the pairs PPO will rank)
     temperature: float = 1.0
@@ -273,7 +276,7 @@ class DataConfig:
     strict: bool = False  # a bad row is an error naming source, row and field (default: skipped and counted)
     rebuild: bool = False  # rebuild the processed-data cache entry even when it exists
     builtin_size: int = 6000
-    builtin_families: list[str] = field(default_factory=list)  # built-in task families to draw (empty: all six)
+    builtin_families: list[str] = field(default_factory=list)  # task families to draw (empty: all), for every stage
     max_prompt_len: int = 192
     max_answer_len: int = 128
     template: str = "auto"  # auto: the tokenizer's chat template if it has one, else `plain_template`

@@ -23,7 +23,7 @@ from rlhf.config import (
     stage_config,
     world_size,
 )
-from rlhf.data import builtin
+from rlhf.data import builtin, onpolicy
 from rlhf.data.formats import ADAPTERS
 from rlhf.data.sources import FORMAT_FIELDS
 
@@ -155,6 +155,12 @@ def validate(cfg: DictConfig) -> None:
         cfg.resume in ("", "auto") or Path(cfg.resume).is_dir(),
         f"resume={cfg.resume} must be auto or an existing run directory",
     )
+    if stage.name == "reward":
+        unknown = [kind for kind in stage.onpolicy.kinds if kind not in onpolicy.KINDS]
+        need(
+            bool(stage.onpolicy.kinds) and not unknown,
+            f"stage.onpolicy.kinds={list(stage.onpolicy.kinds)} must name some of {', '.join(onpolicy.KINDS)}",
+        )
     if stage.name == "ppo":
         need(stage.kl_estimator in ("k1", "k3"), f"stage.kl_estimator={stage.kl_estimator} must be k1 or k3")
         need(stage.max_new_tokens >= 1, f"stage.max_new_tokens={stage.max_new_tokens} must be >= 1")

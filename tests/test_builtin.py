@@ -46,14 +46,19 @@ def test_gold_scorer_on_hand_written_answers() -> None:
     assert score("What is 1 + 1?", "The answer is 2, or maybe 3.") == 0.0  # the last number after 'answer is'
 
 
-def test_builtin_families_keeps_only_the_named_families_without_moving_a_prompt_between_splits() -> None:
-    every = compose(["experiment=tiny", "stage=ppo"]).data
-    chosen = compose(["experiment=tiny", "stage=ppo", "data.builtin_families=[word_problem, sorting]"]).data
-    for stage in ("sft", "ppo"):
-        rows = stage_rows(chosen, stage).train
+def test_builtin_families_draws_only_the_named_families_and_keeps_the_splits_apart() -> None:
+    data = compose(["experiment=tiny", "stage=ppo", "data.builtin_families=[word_problem, sorting]"]).data
+    prompts = {}
+    for stage in ("sft", "reward", "ppo"):
+        rows = stage_rows(data, stage).train
         assert {r["family"] for r in rows} == {"word_problem", "sorting"}
-        assert {r["prompt"] for r in rows} <= {r["prompt"] for r in stage_rows(every, stage).train}
-    held_out = gold_rows(chosen, "validation", 1000)
-    assert held_out == [r for r in gold_rows(every, "validation", 1000) if r["family"] in ("word_problem", "sorting")]
+        prompts[stage] = {r["prompt"] for r in rows}
+    held_out = gold_rows(data, "validation", 1000) + gold_rows(data, "test", 1000)
+    assert len(held_out) == round(data.builtin_size * data.eval_fraction)  # all held-out rows are of those families
+    assert {r["family"] for r in held_out} == {"word_problem", "sorting"}
+    seen = {r["prompt"] for r in held_out}
+    for stage, stage_prompts in prompts.items():
+        assert not stage_prompts & seen, stage
+        seen |= stage_prompts
     with pytest.raises(ConfigError, match="data.builtin_families: no family word_problems; the families: arithmetic"):
         compose(["experiment=tiny", "data.builtin_families=[word_problems]"])

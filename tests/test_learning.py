@@ -2,11 +2,10 @@
 score of an SFT policy, with the paired 95% interval above zero. This is the ceiling of what the PPO loop can learn
 from a reward in a few minutes; a reward model can only approach it.
 
-PPO trains on one task family (`data.builtin_families=[word_problem]`, the family whose errors are mostly a choice
-the policy can learn: adding for "buys", subtracting for "gives away"). Measured 2026-12-02 from a 60-step SFT with
-these PPO settings: held-out word problems 0.323 -> 0.523 (+20 points, [+7.7, +32.3], 65 prompts), and with seed=1
-0.323 -> 0.600 (+27.7, [+15.4, +41.5]). On the full mix the same settings lowered validation gold by 3.5 points
-[-7.5, +0.5] (issue 15)."""
+Both stages train on one task family (`data.builtin_families=[word_problem]`), with a short SFT (15 steps) that
+leaves the policy choosing the wrong operation on about 40% of the prompts: an error a reward can teach. After a
+60-step SFT the policy's remaining errors are its subtraction, which a few minutes of PPO does not fix (issue 15;
+the README's "Learning" section has the measurements)."""
 
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ from rlhf.data import builtin
 from rlhf.stages.ppo import PPOTrainer
 from rlhf.stages.ppo_models import RLHFEngine
 
-EVAL = ["logger=none", "eval.gold_split=validation", "eval.gold_prompts=200"]
+EVAL = ["logger=none", "data.builtin_families=[word_problem]", "eval.gold_split=validation", "eval.gold_prompts=200"]
 
 
 def gold_reward(prompts: list, responses: list[str]) -> list[float]:
@@ -29,21 +28,20 @@ def gold_reward(prompts: list, responses: list[str]) -> list[float]:
 
 @pytest.mark.slow
 def test_ppo_with_the_gold_scorer_as_reward_raises_held_out_gold(tmp_path: Path, dist_process_group) -> None:
-    sft = compose(["stage=sft", "stage.max_steps=60", "stage.eval_interval=60", *EVAL])
+    sft = compose(["stage=sft", "stage.max_steps=15", "stage.eval_interval=15", *EVAL])
     sft_summary = stages.run(sft, tmp_path)
     assert sft_summary["gold_score"] > sft_summary["gold_score_start"]  # some sampled answers are right: a signal
     cfg = compose(
         [
             "stage=ppo",
             f"stage.init_from={tmp_path}/sft/final",
-            "data.builtin_families=[word_problem]",
             "stage.advantage=rloo",
             "stage.samples_per_prompt=8",
             "stage.global_batch=8",
             "stage.ppo_epochs=1",
             "stage.mini_batches=2",
-            "stage.max_steps=20",
-            "stage.eval_interval=20",
+            "stage.max_steps=10",
+            "stage.eval_interval=10",
             "stage.temperature=0.7",
             "optimizer.actor_lr=1e-5",
             "optimizer.schedule=constant",
@@ -52,6 +50,6 @@ def test_ppo_with_the_gold_scorer_as_reward_raises_held_out_gold(tmp_path: Path,
     )
     trainer = PPOTrainer(cfg, tmp_path, engine=RLHFEngine(cfg, reward_fn=gold_reward))
     summary = trainer.train()
-    assert summary["gold_n"] >= 50 and set(summary) >= {"gold_word_problem", "gold_word_problem_start"}
+    assert summary["gold_n"] == 200 and set(summary) >= {"gold_word_problem", "gold_word_problem_start"}
     assert summary["gold_delta_low"] > 0, summary  # held-out prompts, paired: the policy answers more of them right
     assert summary["rollout_gold_last"] > summary["rollout_gold_first"], summary

@@ -269,6 +269,14 @@ def test_onpolicy_pairs_come_from_the_policys_graded_answers_and_are_kept_for_a_
     again.setup()  # a resumed run reads the pairs it sampled, it does not sample again
     assert [p["kind"] for p in again.train_pairs].count("reference") == 4
 
+    relabelled = {split: [p | {"kind": "policy"} for p in pairs[:4]] + pairs[4:] for split, pairs in saved.items()}
+    (tmp_path / "reward" / "onpolicy_pairs.json").write_text(json.dumps(relabelled))
+    only_policy = compose([*overrides, "stage.onpolicy.kinds=[policy]"])
+    kept = RewardTrainer(only_policy, tmp_path, Tracker(only_policy, "reward", tmp_path))
+    kept.setup()  # the kinds are chosen from the sampled pairs, train and held-out alike
+    assert [p["kind"] for p in kept.train_pairs if p["kind"] != "data"] == ["policy"] * 4
+    assert [p["kind"] for p in kept.eval_pairs] == ["policy"] * min(4, len(saved["eval"]))
+
 
 def builtin_rows() -> list[dict]:
     cfg = compose(["experiment=tiny", "stage=reward"])

@@ -37,7 +37,7 @@ def source_rows(source: DictConfig, data_cfg: DictConfig) -> tuple[list[dict], R
     if source.name == "builtin" and not source.path:
         rows = [
             {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "family": p.family}
-            for p in builtin.generate(data_cfg.builtin_size, data_cfg.seed)
+            for p in builtin.generate(data_cfg.builtin_size, data_cfg.seed, data_cfg.builtin_families)
         ]
         return rows, ReadReport(kept=len(rows))
     try:
@@ -134,14 +134,6 @@ def held_out_split(source: DictConfig, data_cfg: DictConfig) -> tuple[list[dict]
     return rows[:n_eval], rows[n_eval:]
 
 
-def in_families(rows: list[dict], data_cfg: DictConfig) -> list[dict]:
-    """The rows of `data.builtin_families` (all rows when it is empty; rows of other sources have no family and are
-    kept). Applied after the held-out and stage splits, so choosing families never moves a prompt between them."""
-    if not data_cfg.builtin_families:
-        return rows
-    return [r for r in rows if "family" not in r or r["family"] in data_cfg.builtin_families]
-
-
 GOLD_SPLITS = ("test", "validation")
 
 
@@ -152,7 +144,7 @@ def gold_rows(data_cfg: DictConfig, split: str, count: int) -> list[dict]:
     for source in data_cfg.sources:
         if source.name == "builtin" and not source.path:
             eval_part, _ = held_out_split(source, data_cfg)
-            return in_families(eval_part[GOLD_SPLITS.index(split) :: 2], data_cfg)[:count]
+            return eval_part[GOLD_SPLITS.index(split) :: 2][:count]
     return []
 
 
@@ -173,9 +165,9 @@ def stage_rows(data_cfg: DictConfig, stage: str) -> StageData:
         eval_part, train_part = held_out_split(source, data_cfg)
         shares = list(source.split if source.split is not None else data_cfg.split)
         start, end = split_shares(len(eval_part), shares)[index]
-        evaluation.extend(in_families(eval_part[start:end], data_cfg))
+        evaluation.extend(eval_part[start:end])
         start, end = split_shares(len(train_part), shares)[index]
-        train_parts.append(in_families(train_part[start:end], data_cfg))
+        train_parts.append(train_part[start:end])
         if source.split is None and not (source.name == "builtin" and not source.path):
             log.info(
                 "data source %s has no split of its own: data.split=%s gives stage %s %d of its %d training rows "

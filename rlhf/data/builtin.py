@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -239,8 +239,10 @@ def _wrong_answer(family: str, answer: str, rng: random.Random) -> str:
     return str(max(value + delta, 0) if value + delta != value else value + 1)
 
 
-def generate(size: int, seed: int) -> list[Pair]:
-    """`size` distinct preference pairs, families in turn, deterministic for `seed`."""
+def generate(size: int, seed: int, families: Sequence[str] = ()) -> list[Pair]:
+    """`size` distinct preference pairs of the named task families (empty: all), families in turn, deterministic for
+    `seed`."""
+    drawn = [f for f in FAMILIES if f.name in families] if families else FAMILIES
     rng = random.Random(seed)
     pairs: list[Pair] = []
     seen: set[str] = set()
@@ -249,7 +251,7 @@ def generate(size: int, seed: int) -> list[Pair]:
         attempts += 1
         if attempts > size * 50:
             raise ValueError(f"cannot draw {size} distinct built-in prompts (got {len(pairs)})")
-        family = FAMILIES[len(pairs) % len(FAMILIES)]
+        family = drawn[len(pairs) % len(drawn)]
         prompt, answer = family.make(rng)
         if prompt in seen:
             continue

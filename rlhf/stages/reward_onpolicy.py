@@ -33,7 +33,9 @@ def with_onpolicy_pairs(
     sources' pairs as they are; and the count of each kind of pair, for the run's summary."""
     op = cfg.stage.onpolicy
     fmt = PromptFormat.for_tokenizer(tokenizer, cfg.data)
-    sampled = onpolicy_rows(cfg, out_dir)
+    sampled = {
+        split: [p for p in pairs if p["kind"] in op.kinds] for split, pairs in onpolicy_rows(cfg, out_dir).items()
+    }
 
     def encode(rows: list[dict]) -> list[dict]:
         return [
@@ -98,6 +100,7 @@ def onpolicy_key(cfg: DictConfig) -> str:
     folder = Path(cfg.stage.policy_from or models.model_location(cfg.model, cache_dir(cfg)))
     files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*")) if f.is_file()]
     settings = OmegaConf.to_container(op)
+    settings.pop("kinds")  # chosen from the sampled pairs: the sample does not depend on it
     payload = {
         "policy": [str(folder.resolve()), files, OmegaConf.to_container(cfg.model, enum_to_str=True), cfg.seed],
         "onpolicy": settings,
