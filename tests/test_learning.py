@@ -5,7 +5,8 @@ from a reward in a few minutes; a reward model can only approach it.
 Both stages train on one task family (`data.builtin_families=[word_problem]`), with a short SFT (15 steps) that
 leaves the policy choosing the wrong operation on about 40% of the prompts: an error a reward can teach. After a
 60-step SFT the policy's remaining errors are its subtraction, which a few minutes of PPO does not fix (issue 15;
-the README's "Learning" section has the measurements)."""
+the README's "Learning" section has the measurements). Measured 2026-12-02: 0.225 -> 0.310 on the 200 prompts,
++8.5 points [+2.0, +15.0] (31 gained, 14 lost; wrong operations 72 -> 58)."""
 
 from __future__ import annotations
 
