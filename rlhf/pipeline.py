@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def result_text(summary: dict) -> str:
             parts.append(f"on the policy's right/wrong pairs {summary['eval_acc_policy']:.3g}")
     if summary["stage"] == "ppo" and "kl" in summary:
         parts.append(f"KL {summary['kl']:.3g} nats (held-out), {summary.get('kl_last', float('nan')):.3g} (rollouts)")
+    pair_acc = summary.get("reward_gold_pair_acc", math.nan) if summary["stage"] == "ppo" else math.nan
+    if not math.isnan(pair_acc):
+        parts.append(f"reward orders right/wrong answers to a prompt {pair_acc:.3g} (rollouts)")
     return ", ".join(parts)
 
 

@@ -100,3 +100,20 @@ def auc(scores: list[float], labels: list[float]) -> float:
         return math.nan
     wins = sum((p > q) + 0.5 * (p == q) for p in positives for q in negatives)
     return wins / (len(positives) * len(negatives))
+
+
+def within_group_accuracy(scores: list[float], labels: list[float], groups: list) -> float:
+    """Over every two items of one group (e.g. two answers to one prompt) with different labels, the share that
+    `scores` orders as the labels do, a tie counted wrong; nan when no group has two labels. This is what a
+    pairwise-trained reward model is asked, and all that a group baseline (RLOO, GRPO) uses of its scores."""
+    by_group: dict = {}
+    for score, label, group in zip(scores, labels, groups, strict=True):
+        by_group.setdefault(group, []).append((score, label))
+    right = total = 0
+    for items in by_group.values():
+        for i, (s_i, y_i) in enumerate(items):
+            for s_j, y_j in items[i + 1 :]:
+                if y_i != y_j:
+                    total += 1
+                    right += (s_i - s_j) * (y_i - y_j) > 0
+    return right / total if total else math.nan

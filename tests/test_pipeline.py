@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from rlhf.chat import Chat, interactive, resolve_model_dir
 from rlhf.compose import compose
@@ -237,8 +238,47 @@ def test_slurm_launcher_composes_from_the_hardware_option() -> None:
     assert dict(cfg.hydra.sweeper.params) == {"model": "opt-1.3b,opt-6.7b,opt-13b", "hardware": "1xA100-80G,8xA100-80G"}
 
 
+def same_value(got, written: str) -> bool:
+    try:
+        return float(got) == float(written)
+    except (TypeError, ValueError):
+        return str(got).lower() == written.lower()
+
+
+SWEEP_DIR = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
+def test_every_job_of_every_sweep_composes(sweep: str) -> None:
+    """A sweep file whose jobs fail to compose would only fail when a user runs it: expand its sweeper's grid and
+    compose each job as `rlhf -m +sweep=<name>` would."""
+    import itertools
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from rlhf.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        params = hydra_compose("config", overrides=[f"+sweep={sweep}"], return_hydra_config=True).hydra.sweeper.params
+    grid = [[f"{key}={value}" for value in str(values).split(",")] for key, values in (params or {}).items()]
+    jobs = list(itertools.product(*grid))
+    assert len(jobs) >= 2, f"sweep {sweep} has a single job"
+    for job in jobs:
+        cfg = compose([f"+sweep={sweep}", *job])
+        for override in job:
+            key, value = override.split("=", 1)
+            if "." in key:  # a value, not a group choice: the job gets it
+                got = OmegaConf.select(cfg, key)
+                assert same_value(got, value), f"{sweep}: {key} is {got}, not {value}"
+
+
 def test_the_ppo_row_labels_the_scale_of_each_reward() -> None:
     summary = {"stage": "ppo", "reward_first": -0.96, "reward_last": -1.04, "reward_start": 1.23, "reward": 1.49}
     text = result_text(summary)
     assert "train reward (normalised score) -0.96 -> -1.04" in text
     assert "held-out reward (raw score) 1.23 -> 1.49" in text
+    assert "right/wrong" not in text  # no within-prompt agreement measured: none shown
+    text = result_text(summary | {"reward_gold_pair_acc": 0.625})
+    assert "reward orders right/wrong answers to a prompt 0.625 (rollouts)" in text

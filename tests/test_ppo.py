@@ -391,6 +391,21 @@ def test_a_group_estimator_builds_trains_and_checkpoints_no_critic(dist_process_
     assert "value_loss" not in stats and engine.actor.global_steps >= 1
 
 
+def test_rollout_gold_scores_the_reward_on_pairs_of_answers_to_one_prompt(dist_process_group) -> None:
+    from rlhf.stages.ppo_experience import Experience, rollout_gold
+
+    # prompt a: the right answer outscores the wrong one; prompt b: it does not; c has no built-in answer (nan)
+    exp = Experience._make([None] * len(Experience._fields))._replace(
+        raw_scores=torch.tensor([2.0, 1.0, 1.5, 1.8, 5.0]),
+        gold=torch.tensor([1.0, 0.0, 1.0, 0.0, float("nan")]),
+        texts=[("a", "", 0.0), ("a", "", 0.0), ("b", "", 0.0), ("b", "", 0.0), ("c", "", 0.0)],
+    )
+    figures = rollout_gold(exp)
+    assert figures["ppo/gold_mean"] == 0.5
+    assert figures["ppo/reward_gold_pair_acc"] == 0.5
+    assert figures["ppo/reward_gold_auc"] == pytest.approx(0.75)  # pooled: 3 of the 4 right-wrong pairs
+
+
 def test_a_group_estimator_needs_two_samples_per_prompt() -> None:
     with pytest.raises(ConfigError, match="stage.advantage=grpo compares each response"):
         compose([*PPO_SMALL, "stage.advantage=grpo"])

@@ -53,4 +53,14 @@ def test_auc_is_the_probability_a_positive_outranks_a_negative() -> None:
     assert stats.auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
     assert stats.auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5  # ties count half
     assert stats.auc([0.9, 0.2, 0.5, 0.4], [1, 1, 0, 0]) == pytest.approx(0.5)  # 2 of 4 pairs ordered right
+
+
+def test_within_group_accuracy_compares_only_answers_to_the_same_prompt() -> None:
+    # prompt a: right 5 > wrong 1 (right); prompt b: right 0 < wrong 2 (wrong) and right 0 = wrong 0 (a tie, wrong)
+    scores, labels = [5, 1, 0, 2, 0], [1, 0, 1, 0, 0]
+    assert stats.within_group_accuracy(scores, labels, ["a", "a", "b", "b", "b"]) == pytest.approx(1 / 3)
+    # pooled over prompts (the AUC) prompt a's high scores hide prompt b's inversion: 3.5 of 6 pairs
+    assert stats.auc(scores, labels) == pytest.approx(3.5 / 6)
+    assert math.isnan(stats.within_group_accuracy([1, 2], [1, 1], ["a", "a"]))  # no pair with different labels
+    assert math.isnan(stats.within_group_accuracy([1, 0], [1, 0], ["a", "b"]))  # one answer per prompt
     assert math.isnan(stats.auc([1, 2], [1, 1]))

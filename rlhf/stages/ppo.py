@@ -252,7 +252,7 @@ class PPOTrainer:
         window = max(1, min(5, len(history) // 4))
 
         def mean_of(key: str, rows: list[dict]) -> float:
-            values = [r[key] for r in rows if key in r]  # the rollouts' gold figures are rank 0's alone
+            values = [r[key] for r in rows if key in r and r[key] == r[key]]  # rank 0's alone; nan: no pair
             return sum(values) / len(values) if values else float("nan")
 
         total = progress.train_seconds
@@ -275,6 +275,7 @@ class PPOTrainer:
             "rollout_gold_last": mean_of("ppo/gold_mean", history[-window:]),
             "reward_gold_auc_first": mean_of("ppo/reward_gold_auc", history[:window]),
             "reward_gold_auc_last": mean_of("ppo/reward_gold_auc", history[-window:]),
+            "reward_gold_pair_acc": mean_of("ppo/reward_gold_pair_acc", history),
             **evals,
             **gold.delta_figures(self.gold_records),
             "dropped_prompts": self.dropped,

@@ -105,15 +105,21 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
 
 
 def rollout_gold(exp: Experience) -> dict[str, float]:
-    """On rank 0, over every rank's rollouts: their gold score, and how well the reward ranks them as gold does (the
-    AUC of the raw reward against gold right/wrong): reward hacking shows as a rising reward with a falling AUC."""
-    graded = ~exp.gold.isnan()
-    pairs = list(zip(exp.raw_scores[graded].tolist(), exp.gold[graded].tolist(), strict=True))
-    shares = dist.gather_objects(pairs)
+    """On rank 0, over every rank's rollouts: their gold score, and how well the reward ranks them as gold does: the
+    AUC of the raw reward against gold right/wrong over all rollouts, and the accuracy on pairs of answers to the
+    same prompt, one right and one wrong (what a group baseline learns from). Reward hacking shows as a rising reward
+    with falling agreement."""
+    graded = [i for i, g in enumerate(exp.gold.tolist()) if g == g]  # not nan: a built-in prompt
+    rows = [(exp.raw_scores[i].item(), exp.gold[i].item(), str(exp.texts[i][0])) for i in graded]
+    shares = dist.gather_objects(rows)
     if shares is None:  # not rank 0
         return {}
-    pairs = [pair for share in shares for pair in share]
-    if not pairs:
+    rows = [row for share in shares for row in share]
+    if not rows:
         return {}
-    rewards, golds = zip(*pairs, strict=True)
-    return {"ppo/gold_mean": sum(golds) / len(golds), "ppo/reward_gold_auc": stats.auc(list(rewards), list(golds))}
+    rewards, golds, prompts = (list(column) for column in zip(*rows, strict=True))
+    return {
+        "ppo/gold_mean": sum(golds) / len(golds),
+        "ppo/reward_gold_auc": stats.auc(rewards, golds),
+        "ppo/reward_gold_pair_acc": stats.within_group_accuracy(rewards, golds, prompts),
+    }
