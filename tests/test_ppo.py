@@ -389,6 +389,8 @@ def test_a_group_estimator_builds_trains_and_checkpoints_no_critic(dist_process_
     assert torch.equal(exp.advantages, exp.advantages[:, :1] * exp.response_mask)  # one per response, 0 after it
     stats = trainer.train_step(exp)
     assert "value_loss" not in stats and engine.actor.global_steps >= 1
+    outcome = trainer.run_step()  # a whole iteration: its step log shows no value loss (not a nan)
+    assert "ppo/value_loss" not in outcome.shown and "ppo/policy_loss" in outcome.shown
 
 
 def test_rollout_gold_scores_the_reward_on_pairs_of_answers_to_one_prompt(dist_process_group) -> None:

@@ -90,6 +90,8 @@ PIPELINE = [
     "stage.ppo.max_steps=5",
     "stage.ppo.checkpoint_interval=2",
     "stage.ppo.eval_interval=5",
+    "stage.ppo.advantage=gae",  # with a critic, the stage with the most state to resume (the default is rloo)
+    "stage.ppo.samples_per_prompt=1",
     "eval.gold_prompts=8",
 ]
 

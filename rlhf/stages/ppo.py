@@ -238,7 +238,8 @@ class PPOTrainer:
             rows = [{"step": self.step, "prompt": str(p), "response": r, "score": s} for p, r, s in exp.texts[:4]]
             self.tracker.table("ppo/samples", rows, step=self.step)  # before the loop commits the step
         log_rate = metrics["perf/gen_tokens_per_s"]
-        return StepOutcome(metrics, {}, SHOWN_METRICS, tokens, ppo_rollouts(stage), metrics, log_rate)
+        shown = tuple(k for k in SHOWN_METRICS if k in metrics)  # no value loss without a critic (rloo, grpo)
+        return StepOutcome(metrics, {}, shown, tokens, ppo_rollouts(stage), metrics, log_rate)
 
     def evaluate(self, when: str) -> dict[str, float]:
         """The held-out gold evaluation (see `evaluate_gold`) with its summary figures."""
