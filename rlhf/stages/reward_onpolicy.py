@@ -131,13 +131,14 @@ def sample_onpolicy(cfg: DictConfig) -> dict[str, list[dict]]:
         encoded = gold.encode_rows(gradable[: count or None], policy_tokenizer, fmt, cfg.data.max_prompt_len)
         mine = encoded[rank::world]
         answers: dict[str, list[str]] = {}
+        split_started = time.perf_counter()  # the rate of this split's answers alone
         for batch in gold.answers(
             policy, policy_tokenizer, mine, op.batch, op.max_new_tokens, op.temperature, op.samples_per_prompt
         ):
             for row, text in zip(batch.rows, batch.texts, strict=True):
                 answers.setdefault(row["prompt"], []).append(text)
             if rank == 0:
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - split_started
                 log.info(
                     "reward: the policy answered %d/%d %s prompts x %d (%.1f answers/s)",
                     min(len(answers) * world, len(encoded)),
