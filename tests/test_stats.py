@@ -53,6 +53,7 @@ def test_auc_is_the_probability_a_positive_outranks_a_negative() -> None:
     assert stats.auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
     assert stats.auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5  # ties count half
     assert stats.auc([0.9, 0.2, 0.5, 0.4], [1, 1, 0, 0]) == pytest.approx(0.5)  # 2 of 4 pairs ordered right
+    assert math.isnan(stats.auc([1, 2], [1, 1]))
 
 
 def test_within_group_accuracy_compares_only_answers_to_the_same_prompt() -> None:
@@ -63,4 +64,3 @@ def test_within_group_accuracy_compares_only_answers_to_the_same_prompt() -> Non
     assert stats.auc(scores, labels) == pytest.approx(3.5 / 6)
     assert math.isnan(stats.within_group_accuracy([1, 2], [1, 1], ["a", "a"]))  # no pair with different labels
     assert math.isnan(stats.within_group_accuracy([1, 0], [1, 0], ["a", "b"]))  # one answer per prompt
-    assert math.isnan(stats.auc([1, 2], [1, 1]))

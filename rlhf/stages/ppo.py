@@ -8,6 +8,7 @@ GAE advantages, then (4) runs `ppo_epochs` passes of clipped policy and value up
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,8 +254,8 @@ class PPOTrainer:
         window = max(1, min(5, len(history) // 4))
 
         def mean_of(key: str, rows: list[dict]) -> float:
-            values = [r[key] for r in rows if key in r and r[key] == r[key]]  # rank 0's alone; nan: no pair
-            return sum(values) / len(values) if values else float("nan")
+            values = [r[key] for r in rows if not math.isnan(r.get(key, math.nan))]  # rank 0's alone; nan: no pair
+            return sum(values) / len(values) if values else math.nan
 
         total = progress.train_seconds
         return {

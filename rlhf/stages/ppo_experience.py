@@ -109,8 +109,12 @@ def rollout_gold(exp: Experience) -> dict[str, float]:
     AUC of the raw reward against gold right/wrong over all rollouts, and the accuracy on pairs of answers to the
     same prompt, one right and one wrong (what a group baseline learns from). Reward hacking shows as a rising reward
     with falling agreement."""
-    graded = [i for i, g in enumerate(exp.gold.tolist()) if g == g]  # not nan: a built-in prompt
-    rows = [(exp.raw_scores[i].item(), exp.gold[i].item(), str(exp.texts[i][0])) for i in graded]
+    graded = (~exp.gold.isnan()).tolist()  # a built-in prompt
+    rows = [
+        (reward, gold, str(text[0]))
+        for reward, gold, text, keep in zip(exp.raw_scores.tolist(), exp.gold.tolist(), exp.texts, graded, strict=True)
+        if keep
+    ]
     shares = dist.gather_objects(rows)
     if shares is None:  # not rank 0
         return {}
