@@ -203,7 +203,11 @@ class PPOStageConfig:
     log_interval: int = 1
     grad_clip: float = 1.0
     init_from: str = ""  # the actor: an SFT output folder (empty: the `model` option)
-    reward_from: str = ""  # a reward-stage output folder (required unless a reward function is given in Python)
+    reward_from: str = ""  # a reward-stage output folder (required when reward_funcs names `model`)
+    # what PPO is rewarded with: `model` (the reward model) and Python functions `module:function` (rlhf.rewards),
+    # summed with reward_weights (empty: 1.0 each); e.g. [rlhf.data.builtin:gold_reward] for the built-in verifier
+    reward_funcs: list[str] = field(default_factory=lambda: ["model"])
+    reward_weights: list[float] = field(default_factory=list)
     critic_from: str = ""  # the critic's initialisation (empty: the reward model)
     actor_zero_stage: int = -1  # -1: hardware.zero_stage
     critic_zero_stage: int = -1  # -1: hardware.zero_stage

@@ -79,16 +79,18 @@ def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
 
 
 def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
-    """Run the stage in this process. A missing model, unusable data or checkpoint is one clear message and exit
-    code 2; a stop by SIGTERM/SIGINT exits 128 + the signal after its checkpoint; too many non-finite steps exit 3."""
+    """Run the stage in this process. A missing model, unusable data or checkpoint, or a reward function's bad value
+    is one clear message and exit code 2; a stop by SIGTERM/SIGINT exits 128 + the signal after its checkpoint; too
+    many non-finite steps exit 3."""
     from rlhf import stages
     from rlhf.data import DataError
     from rlhf.models import ModelError
+    from rlhf.rewards import RewardFunctionError
     from rlhf.tracking import exit_code_of
 
     try:
         stages.run(cfg, run_dir)
-    except (ModelError, DataError, CheckpointError, Preempted, NonFiniteError) as err:
+    except (ModelError, DataError, CheckpointError, Preempted, NonFiniteError, RewardFunctionError) as err:
         if isinstance(err, Preempted):
             log.warning("stage %s %s; continue with: %s", cfg.stage.name, err, resume_command(run_dir))
         elif isinstance(err, NonFiniteError):

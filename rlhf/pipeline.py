@@ -24,8 +24,10 @@ RESULT_KEYS = {  # the quality figures a stage's row shows, start -> end
     "sft": [("eval_loss_start", "eval_loss", "eval loss"), ("gold_score_start", "gold_score", "gold")],
     "reward": [("eval_acc_start", "eval_acc", "held-out acc")],
     "ppo": [
-        ("reward_first", "reward_last", "train reward (normalised score)"),
-        ("reward_start", "reward", "held-out reward (raw score)"),
+        # PPO's reward (the reward model's score normalised, plus any reward functions): on the rollouts, with the
+        # EOS penalty and clip, and on the greedy answers to the held-out prompts
+        ("reward_first", "reward_last", "train reward"),
+        ("reward_start", "reward", "held-out reward"),
         ("gold_score_start", "gold_score", "gold"),
     ],
 }

@@ -153,16 +153,18 @@ class Tracker:
 
 def exit_code_of(error: BaseException | None) -> int:
     """The exit code `rlhf` gives for a stage that ended with `error`, so W&B records the same: 0, 128 + the signal
-    for a stop with a checkpoint, 2 for unusable input, 3 for too many non-finite steps, else 1."""
+    for a stop with a checkpoint, 2 for unusable input (a reward function's bad value included), 3 for too many
+    non-finite steps, else 1."""
     from rlhf.checkpoint import CheckpointError, Preempted
     from rlhf.data import DataError
     from rlhf.guard import NonFiniteError
     from rlhf.models import ModelError
+    from rlhf.rewards import RewardFunctionError
 
     if error is None:
         return 0
     if isinstance(error, Preempted):
         return 128 + error.signum
-    if isinstance(error, ModelError | DataError | CheckpointError):
+    if isinstance(error, ModelError | DataError | CheckpointError | RewardFunctionError):
         return 2
     return 3 if isinstance(error, NonFiniteError) else 1

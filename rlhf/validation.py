@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from rlhf import rewards
 from rlhf.config import (
     PIPELINE_ORDER,
     STAGE_SCHEMAS,
@@ -180,6 +181,10 @@ def validate(cfg: DictConfig) -> None:
             f"stage.advantage={stage.advantage} compares each response with the others to its prompt: it needs "
             f"stage.samples_per_prompt >= 2 (it is {stage.samples_per_prompt})",
         )
+        try:
+            rewards.load(list(stage.reward_funcs), list(stage.reward_weights))
+        except rewards.RewardFunctionError as err:
+            errors.append(str(err))
         per_update = max(world_size(cfg) * hw.micro_batch * stage.mini_batches, 1)
         need(
             stage.mini_batches >= 1 and ppo_rollouts(stage) % per_update == 0,
@@ -276,9 +281,11 @@ def _validate_pipeline(cfg: DictConfig) -> None:
                     message = re.sub(r"\bstage\.", f"stage.{name}.", line.strip()[2:])
                     if message not in errors:
                         errors.append(message)
-        if "ppo" in stages and "reward" not in stages and not cfg.stage.ppo.reward_from:
+        ppo = cfg.stage.ppo
+        if "ppo" in stages and "reward" not in stages and not ppo.reward_from and rewards.MODEL in ppo.reward_funcs:
             errors.append(
-                "stage.stages runs ppo without reward: set stage.ppo.reward_from=<run>/reward/final (a reward output)"
+                "stage.stages runs ppo without reward: set stage.ppo.reward_from=<run>/reward/final (a reward output), "
+                "or reward PPO with functions alone (stage.ppo.reward_funcs=[rlhf.data.builtin:gold_reward])"
             )
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -92,6 +92,17 @@ def data_file(name: str, lines: list[str]) -> Callable[[Path, Path], list[str]]:
     return write
 
 
+def reward_file(code: str) -> Callable[[Path, Path], list[str]]:
+    """A reward function `f` in a file of the case's own, as PPO's only reward."""
+
+    def write(case_dir: Path, prior: Path) -> list[str]:
+        (case_dir / "rewards.py").write_text(code)
+        return [f"stage.reward_funcs=[{case_dir}/rewards.py:f]"]
+
+    return write
+
+
+PPO_FUNCTION = [*TINY, "stage=ppo", "stage.max_steps=1", "eval.gold_prompts=0"]
 PAIR = json.dumps({"prompt": "Say hi", "chosen": "Hi!", "rejected": "No."})
 
 
@@ -180,6 +191,16 @@ CASES = [
     Case("zero sampling temperature", ["stage=ppo", "stage.temperature=0"], "stage.temperature=0.0 must be > 0"),
     Case("PPO without any reward model", ["stage.stages=[ppo]"], "runs ppo without reward"),
     Case("stages out of order", ["stage.stages=[ppo,sft]"], "must keep the order"),
+    Case(
+        "reward function that cannot be imported",
+        ["stage=ppo", "stage.reward_funcs=[model,my_rewardz:brevity]"],
+        "reward function 'my_rewardz:brevity': cannot import 'my_rewardz'",
+    ),
+    Case(
+        "reward weights that do not match the functions",
+        ["stage=ppo", "stage.reward_weights=[1,1]"],
+        "stage.reward_weights has 2 weights for 1 reward functions",
+    ),
     Case("data split of two shares", ["data.split=[1,1]"], "must be three non-negative shares"),
     Case(
         "unknown data format",
@@ -225,6 +246,20 @@ CASES = [
         SFT,
         "is a reward model (LlamaForSequenceClassification), not a language model",
         prepare=lambda case_dir, prior: [f"stage.init_from={saved_reward_model(case_dir)}"],
+        kind="run",
+    ),
+    Case(
+        "reward function that raises",
+        PPO_FUNCTION,
+        "raised KeyError: 'answer' on row 0 of the batch (prompt 'Ivan has 40 cookies",
+        prepare=reward_file("def f(prompts, completions, **columns):\n    return columns['answer']\n"),
+        kind="run",
+    ),
+    Case(
+        "reward function with one value too few",
+        PPO_FUNCTION,
+        "returned 7 values for 8 completions: return one float (or None) per completion",
+        prepare=reward_file("def f(prompts, completions, **columns):\n    return [1.0] * (len(completions) - 1)\n"),
         kind="run",
     ),
     # data: refused when the stage reads it (strict: a bad row is an error naming the row)

@@ -246,9 +246,12 @@ COMMAND_ARGS = {  # the README's commands other than `rlhf` and what their argum
 @pytest.mark.parametrize("command", readme_commands(), ids=lambda c: " ".join(c)[:80])
 def test_each_readme_command_composes(command: list[str], tmp_path: Path, monkeypatch) -> None:
     """`rlhf` and `rlhf-bench`/`rlhf-data` lines compose as written (placeholders such as <run> are only paths;
-    the run to resume exists); the others name a command the package installs."""
+    the run to resume and the README's reward function file exist); the others name a command the package
+    installs."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs" / "filled-in").mkdir(parents=True)
+    brevity = re.search(r"```python\n(def brevity\(.*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "my_rewards.py").write_text(brevity)  # the README's own reward function, where it says to put it
     scripts = {entry.name for entry in distribution("rlhf").entry_points if entry.group == "console_scripts"}
     name, args = command[0], command[1:]
     assert name in scripts, f"the README uses {name}, which the package does not install"

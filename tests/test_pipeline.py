@@ -274,11 +274,11 @@ def test_every_job_of_every_sweep_composes(sweep: str) -> None:
                 assert same_value(got, value), f"{sweep}: {key} is {got}, not {value}"
 
 
-def test_the_ppo_row_labels_the_scale_of_each_reward() -> None:
+def test_the_ppo_row_shows_the_reward_on_rollouts_and_held_out_answers() -> None:
     summary = {"stage": "ppo", "reward_first": -0.96, "reward_last": -1.04, "reward_start": 1.23, "reward": 1.49}
     text = result_text(summary)
-    assert "train reward (normalised score) -0.96 -> -1.04" in text
-    assert "held-out reward (raw score) 1.23 -> 1.49" in text
+    assert "train reward -0.96 -> -1.04" in text
+    assert "held-out reward 1.23 -> 1.49" in text
     assert "right/wrong" not in text  # no within-prompt agreement measured: none shown
     text = result_text(summary | {"reward_gold_pair_acc": 0.625})
     assert "reward orders right/wrong answers to a prompt 0.625 (rollouts)" in text

@@ -90,7 +90,7 @@ def test_ppo_stage_logs_every_metric_and_saves_actor_and_ema(tmp_path: Path, tin
         "ppo/reward_mean", "ppo/reward_std", "ppo/kl", "ppo/kl_coef", "ppo/policy_loss", "ppo/value_loss",
         "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/response_len", "ppo/eos_rate",
         "ppo/value_explained_var", "ppo/ptx_loss", "perf/gen_tokens_per_s", "perf/train_tokens_per_s",
-        "perf/gen_time_frac", "eval/gold_score", "eval/kl", "ppo/samples",
+        "perf/gen_time_frac", "eval/gold_score", "eval/kl", "ppo/samples", "reward/model_mean", "reward/model_std",
     }  # fmt: skip
     assert expected <= keys, expected - keys
 
@@ -398,7 +398,7 @@ def test_rollout_gold_scores_the_reward_on_pairs_of_answers_to_one_prompt(dist_p
 
     # prompt a: the right answer outscores the wrong one; prompt b: it does not; c has no built-in answer (nan)
     exp = Experience._make([None] * len(Experience._fields))._replace(
-        raw_scores=torch.tensor([2.0, 1.0, 1.5, 1.8, 5.0]),
+        reward=torch.tensor([2.0, 1.0, 1.5, 1.8, 5.0]),
         gold=torch.tensor([1.0, 0.0, 1.0, 0.0, float("nan")]),
         texts=[("a", "", 0.0), ("a", "", 0.0), ("b", "", 0.0), ("b", "", 0.0), ("c", "", 0.0)],
     )
@@ -406,6 +406,51 @@ def test_rollout_gold_scores_the_reward_on_pairs_of_answers_to_one_prompt(dist_p
     assert figures["ppo/gold_mean"] == 0.5
     assert figures["ppo/reward_gold_pair_acc"] == 0.5
     assert figures["ppo/reward_gold_auc"] == pytest.approx(0.75)  # pooled: 3 of the 4 right-wrong pairs
+
+
+def test_reward_functions_from_the_config_are_weighted_with_the_reward_model(
+    tmp_path: Path, tiny_reward: Path, monkeypatch
+) -> None:
+    (tmp_path / "own_rewards.py").write_text(
+        "def brevity(prompts, completions, chosen, family, **rest):  # the built-in rows' other columns\n"
+        "    assert len(chosen) == len(family) == len(completions)\n"
+        "    return [-len(c) / 10 for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    funcs = "stage.reward_funcs=[model,own_rewards:brevity,rlhf.data.builtin:gold_reward]"
+    one = [*PPO_SMALL, "logger=none", "stage.max_steps=1", "eval.gold_prompts=0"]
+    cfg = compose([*one, f"stage.reward_from={tiny_reward}", funcs, "stage.reward_weights=[1,0.5,2]"])
+    trainer = PPOTrainer(cfg, engine=RLHFEngine(cfg))
+    exp = trainer.generate_experience(trainer.prompt_batch(0))
+    parts, stats = exp.reward_parts, trainer.engine.reward_stats
+    assert set(parts) == {"model", "brevity", "gold_reward"}
+    assert parts["brevity"].tolist() == pytest.approx([-len(text) / 10 for _, text, _ in exp.texts])
+    model = (parts["model"] - stats["mean"]) / stats["std"]  # the reward model's score on its normalised scale
+    torch.testing.assert_close(exp.reward, model + 0.5 * parts["brevity"] + 2 * parts["gold_reward"])
+    metrics, _ = trainer._iteration_metrics(exp, trainer.train_step(exp), 1.0, 1.0)
+    assert metrics["reward/brevity_mean"] == pytest.approx(parts["brevity"].mean().item(), abs=1e-5)
+    assert metrics["reward/gold_reward_std"] == pytest.approx(parts["gold_reward"].std(correction=0).item(), abs=1e-5)
+
+
+def test_the_readme_reward_function_runs_from_a_file_beside_the_run(tmp_path: Path, tiny_reward: Path, monkeypatch):
+    code = re.search(r"```python\n(def brevity\(.*?)```", README.read_text(), re.S).group(1)
+    (tmp_path / "my_rewards.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    one = [*PPO_SMALL, "logger=none", "stage.max_steps=1", "eval.gold_prompts=0", f"stage.reward_from={tiny_reward}"]
+    cfg = compose([*one, "stage.reward_funcs=[model,my_rewards:brevity]", "stage.reward_weights=[1,0.5]"])
+    trainer = PPOTrainer(cfg, engine=RLHFEngine(cfg))
+    outcome = trainer.run_step()
+    assert -1.0 <= outcome.metrics["reward/brevity_mean"] <= 0.0 and "reward/model_mean" in outcome.metrics
+
+
+def test_a_reward_function_alone_needs_no_reward_model(dist_process_group) -> None:
+    one = [*PPO_SMALL, "logger=none", "stage.max_steps=1", "eval.gold_prompts=0", "stage.global_batch=4"]
+    group = ["stage.advantage=rloo", "stage.samples_per_prompt=2"]
+    cfg = compose([*one, *group, "stage.reward_funcs=[rlhf.data.builtin:gold_reward]"])
+    trainer = PPOTrainer(cfg, engine=RLHFEngine(cfg))
+    assert trainer.engine.reward is None and trainer.engine.critic is None
+    outcome = trainer.run_step()
+    assert set(outcome.metrics) >= {"reward/gold_reward_mean", "ppo/policy_loss"}
 
 
 def test_a_group_estimator_needs_two_samples_per_prompt() -> None:

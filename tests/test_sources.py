@@ -93,6 +93,13 @@ def test_csv_and_json_and_sft_format(tmp_path: Path) -> None:
     assert len(rows) == 1 and "row 2: wrong type: a row must be an object, got str" in report.first_errors[0]
 
 
+def test_a_rows_other_plain_columns_are_kept_for_the_reward_functions(tmp_path: Path) -> None:
+    row = {"question": "2+2?", "answer": "4", "target": 4, "tags": ["math"], "meta": {"a": 1}, "source": None}
+    (tmp_path / "q.jsonl").write_text(json.dumps(row) + "\n")
+    rows, _ = read_local(tmp_path / "q.jsonl", "sft", {"prompt": "question"}, strict=True)
+    assert rows == [{"target": 4, "source": None, "prompt": "2+2?", "chosen": "4"}]  # lists and objects are not
+
+
 def test_missing_file_and_unknown_format_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="data file not found"):
         read_local(tmp_path / "none.jsonl", "pairs", {}, strict=False)

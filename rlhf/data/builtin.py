@@ -292,3 +292,12 @@ def score(prompt: str, response: str) -> float:
     if expected is None:
         return 0.0
     return 1.0 if _final_answer(response, expected) == expected else 0.0
+
+
+def gold_reward(prompts: list, completions: list[str], **columns) -> list[float | None]:
+    """The gold score as a PPO reward function (`stage.reward_funcs=[rlhf.data.builtin:gold_reward]`): 1.0 for a
+    right final answer, 0.0 for a wrong one, None for a prompt that is not a built-in task (chat messages included)."""
+    return [
+        score(p, c) if isinstance(p, str) and reference_answer(p) is not None else None
+        for p, c in zip(prompts, completions, strict=True)
+    ]

@@ -52,14 +52,14 @@ def ppo_prompts(tokenizer, data_cfg: DictConfig) -> dict:
     fmt = PromptFormat.for_tokenizer(tokenizer, data_cfg)
     rows = stage_rows(data_cfg, "ppo")
 
-    def encode(prompts: list) -> list[dict]:  # one at a time, so a dropped prompt cannot shift the others
-        return [
-            {"prompt": p, "input_ids": ids}
-            for p in prompts
-            for ids in encode_prompts(tokenizer, fmt, [p], data_cfg.max_prompt_len)[0]
+    def encode(rows: list[dict]) -> list[dict]:  # one at a time, so a dropped prompt cannot shift the others
+        return [  # the row's other columns stay for the reward functions (rlhf.rewards)
+            {**row, "input_ids": ids}
+            for row in rows
+            for ids in encode_prompts(tokenizer, fmt, [row["prompt"]], data_cfg.max_prompt_len)[0]
         ]
 
-    train = encode([r["prompt"] for r in rows.train])
+    train = encode(rows.train)
     block = data_cfg.max_prompt_len + data_cfg.max_answer_len
     return {
         "train": train,

@@ -167,7 +167,15 @@ def validated_row(raw: object, fmt: str, columns: Mapping[str, str], source: str
         raise RowError(source, number, f"wrong type: the prompt in {prompt_column!r} must end with a user turn")
     if fmt == "pairs" and answers["chosen"].strip() == answers["rejected"].strip():
         raise RowError(source, number, "chosen identical to rejected")
-    return {"prompt": prompt, **answers}
+    read = {prompt_column, messages_column, *(columns.get(name, name) for name in ("chosen", "rejected", "answer"))}
+    return {**_other_columns(raw, read), "prompt": prompt, **answers}
+
+
+def _other_columns(raw: Mapping, read: set[str]) -> dict:
+    """The row's columns this project does not read whose values are plain (a string, number or null): kept for PPO's
+    reward functions, which get them by name (a reference answer, a test case, a label)."""
+    plain = (str, int, float, bool, type(None))
+    return {k: v for k, v in raw.items() if k not in read and isinstance(k, str) and isinstance(v, plain)}
 
 
 def read_local(path: str | Path, fmt: str, columns: Mapping[str, str], strict: bool) -> tuple[list[dict], ReadReport]:

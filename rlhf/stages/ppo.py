@@ -25,6 +25,7 @@ from rlhf.data.tokenize import (
 )
 from rlhf.guard import StepGuard, all_finite
 from rlhf.ppo import functional as ppo_math
+from rlhf.rewards import columns_of
 from rlhf.stages import loop
 from rlhf.stages.loop import LoopProgress, StepOutcome
 from rlhf.stages.ppo_experience import Experience, build_experience, rollout_gold
@@ -34,6 +35,24 @@ from rlhf.tracking import Tracker
 log = logging.getLogger(__name__)
 
 SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/entropy")
+
+
+def finite_sums(values: torch.Tensor) -> tuple[float, float, int]:
+    """The sum, the sum of squares and the count of the finite values (a reward function's None is nan)."""
+    finite = values[values.isfinite()]
+    return finite.sum().item(), (finite**2).sum().item(), len(finite)
+
+
+def reward_function_metrics(keys: list[str], sums: list[float]) -> dict[str, float]:
+    """Each reward function's mean and std over the rows it scored, from `finite_sums` of each in turn (summed over
+    the ranks); nan for a function that scored no row."""
+    metrics = {}
+    for i, key in enumerate(keys):
+        total, squares, n = sums[3 * i : 3 * i + 3]
+        mean = total / n if n else math.nan
+        metrics[f"reward/{key}_mean"] = mean
+        metrics[f"reward/{key}_std"] = max(squares / n - mean**2, 0.0) ** 0.5 if n else math.nan
+    return metrics
 
 
 class PPOTrainer:
@@ -225,7 +244,7 @@ class PPOTrainer:
         if self.checkpoints is not None:
             self.checkpoints.check_stop()
         experience_s = time.perf_counter() - started
-        if not all_finite(exp.raw_scores, exp.values):
+        if not all_finite(exp.reward, exp.values):
             self.guard.skip_step()
             self.step += 1
             log.warning("ppo iteration %d: non-finite reward or value; skipped", self.step)
@@ -293,16 +312,16 @@ class PPOTrainer:
         m = exp.response_mask.float()
         lengths = exp.response_mask.sum(dim=1).float()
         reached_eos = (exp.sequences[:, -exp.response_mask.shape[1] :] == self.tokenizer.eos_token_id).any(dim=1)
-        n_rows, score_sum, score_sq, raw_sum, kl_sum, len_sum, eos_sum, train_tokens = dist.all_reduce_sum(
+        n_rows, score_sum, score_sq, kl_sum, len_sum, eos_sum, train_tokens, *part_sums = dist.all_reduce_sum(
             [
                 len(exp.scores),
                 exp.scores.sum().item(),
                 (exp.scores**2).sum().item(),
-                exp.raw_scores.sum().item(),
                 exp.kl.sum().item(),
                 lengths.sum().item(),
                 reached_eos.sum().item(),
                 exp.attention_mask.sum().item() * stage.ppo_epochs,
+                *(x for values in exp.reward_parts.values() for x in finite_sums(values)),
             ]
         )
         reward_mean = score_sum / n_rows
@@ -310,7 +329,7 @@ class PPOTrainer:
         metrics = {
             "ppo/reward_mean": reward_mean,
             "ppo/reward_std": max(score_sq / n_rows - reward_mean**2, 0.0) ** 0.5,
-            "ppo/score_raw_mean": raw_sum / n_rows,
+            **reward_function_metrics(list(exp.reward_parts), part_sums),
             "ppo/kl": kl_mean,
             "ppo/kl_coef": self.kl_ctl.value,
             **{f"ppo/{k}": v for k, v in stats.items()},
@@ -332,7 +351,7 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate_gold(self, when: str) -> dict[str, float]:
         """On the held-out gold prompts answered greedily: the gold score (with its 95% interval, per family), the
-        reward model's raw score, and the KL to the reference along the answers of the first `eval.kl_prompts`
+        reward (as PPO learns from it), and the KL to the reference along the answers of the first `eval.kl_prompts`
         (the KL of the whole next-token distributions, summed over each answer's tokens, in nats; 0 before the first
         update, when the actor is the reference). The per-prompt outcomes are kept under `when` in
         `<run>/ppo/gold.json`. Empty when the mix has no built-in prompts."""
@@ -359,7 +378,8 @@ class PPOTrainer:
                 kl_sum += (ppo_math.full_kl(logits, ref_logits) * resp_mask).sum().item()
                 kl_rows += len(sequences)
             prompts = [r["prompt"] for r in batch.rows]
-            reward_sum += eng.score(prompts, batch.texts, batch.sequences, batch.attention_mask).sum().item()
+            reward, _ = eng.score(prompts, batch.texts, columns_of(batch.rows), batch.sequences, batch.attention_mask)
+            reward_sum += reward.sum().item()
             correct += gold.grade(batch.rows, batch.texts)
             texts += batch.texts
         kl_sum, kl_rows, reward_sum, n = dist.all_reduce_sum([kl_sum, kl_rows, reward_sum, len(rows)])
@@ -387,8 +407,10 @@ class PPOTrainer:
         mine = gold.my_share(list(zip(self.sft_record.prompts, self.sft_record.responses, strict=True)))
         reward_sum = 0.0
         for start in range(0, len(mine), self.cfg.eval.batch):
-            prompts, texts = zip(*mine[start : start + self.cfg.eval.batch], strict=True)
-            reward_sum += self.engine.score(list(prompts), list(texts)).sum().item()
+            part = slice(start, start + self.cfg.eval.batch)
+            prompts, texts = zip(*mine[part], strict=True)
+            reward, _ = self.engine.score(list(prompts), list(texts), columns_of(rows[part]))
+            reward_sum += reward.sum().item()
         reward_sum, n = dist.all_reduce_sum([reward_sum, len(rows)])
         metrics = {"eval/kl": 0.0, "eval/reward": reward_sum / n}
         if self.rank == 0:

@@ -13,6 +13,7 @@ from rlhf import dist, rollout, stats
 from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left
 from rlhf.ppo import functional as ppo_math
+from rlhf.rewards import columns_of
 from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
 
 
@@ -28,11 +29,12 @@ class Experience(NamedTuple):
     rewards: torch.Tensor  # shaped: -kl_coef * KL per token, plus the score at the last token
     advantages: torch.Tensor
     returns: torch.Tensor
-    scores: torch.Tensor  # [B] the score used (normalised, clipped, EOS penalty)
-    raw_scores: torch.Tensor  # [B] the reward model's raw score
+    scores: torch.Tensor  # [B] the score learnt from: the reward, plus the EOS penalty, clipped
+    reward: torch.Tensor  # [B] the reward functions' weighted sum (the reward model's score normalised)
+    reward_parts: dict[str, torch.Tensor]  # [B] each reward function's own value (nan where it returned None)
     kl: torch.Tensor  # [B] summed KL to the reference
     gold: torch.Tensor  # [B] the gold score of each response (nan where the prompt has no built-in answer)
-    texts: list[tuple]  # (prompt as written, response text, raw score) per row, for the sample tables
+    texts: list[tuple]  # (prompt as written, response text, reward) per row, for the sample tables
     generation_s: float  # seconds spent sampling, without the scoring passes
 
 
@@ -63,12 +65,9 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
     if eng.critic is not None:
         device = eng.critic.device
         values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
-    raw = eng.score(prompt_texts, texts, sequences, mask)
-    scores = raw.clone()
-    if stage.normalize_reward and eng.reward is not None:
-        scores = (scores - eng.reward_stats["mean"]) / max(eng.reward_stats["std"], 1e-8)
+    reward, reward_parts = eng.score(prompt_texts, texts, columns_of(batch), sequences, mask)
     reached_eos = (sequences[:, width:] == tok.eos_token_id).any(dim=1)
-    scores = scores + stage.no_eos_penalty * (~reached_eos).float()
+    scores = reward + stage.no_eos_penalty * (~reached_eos).float()
     scores = scores.clamp(-stage.score_clip, stage.score_clip)
 
     m = resp_mask.float()
@@ -96,23 +95,24 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
         advantages,
         returns,
         scores,
-        raw,
+        reward,
+        reward_parts,
         kl.sum(dim=1),
         torch.tensor(gold_scores, dtype=torch.float),
-        list(zip(prompt_texts, texts, raw.tolist(), strict=True)),
+        list(zip(prompt_texts, texts, reward.tolist(), strict=True)),
         generation_s,
     )
 
 
 def rollout_gold(exp: Experience) -> dict[str, float]:
     """On rank 0, over every rank's rollouts: their gold score, and how well the reward ranks them as gold does: the
-    AUC of the raw reward against gold right/wrong over all rollouts, and the accuracy on pairs of answers to the
+    AUC of the reward against gold right/wrong over all rollouts, and the accuracy on pairs of answers to the
     same prompt, one right and one wrong (what a group baseline learns from). Reward hacking shows as a rising reward
     with falling agreement."""
     graded = (~exp.gold.isnan()).tolist()  # a built-in prompt
     rows = [
         (reward, gold, str(text[0]))
-        for reward, gold, text, keep in zip(exp.raw_scores.tolist(), exp.gold.tolist(), exp.texts, graded, strict=True)
+        for reward, gold, text, keep in zip(exp.reward.tolist(), exp.gold.tolist(), exp.texts, graded, strict=True)
         if keep
     ]
     shares = dist.gather_objects(rows)

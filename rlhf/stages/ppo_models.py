@@ -12,19 +12,20 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
-from rlhf import dist, engine, models, rollout
+from rlhf import dist, engine, models, rewards, rollout
 from rlhf.config import cache_dir, ppo_rollouts, world_size
 from rlhf.data.tokenize import PromptFormat, response_batch
 from rlhf.ppo import functional as ppo_math
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[[list, list[str]], list[float]]  # (prompts as written, responses) -> scores, for a model
+RewardFn = Callable[[list, list[str]], list[float]]  # (prompts as written, responses) -> scores, from Python
 
 
 class RLHFEngine:
     """The four models of PPO, each a DeepSpeed engine: the actor and critic train, the reference and reward model
-    only run forward. `reward_fn` replaces the reward model with a function of (prompt, response) texts."""
+    only run forward. The reward is `stage.reward_funcs` (rlhf.rewards); `reward_fn`, a function of (prompts,
+    responses) from Python, replaces them."""
 
     def __init__(self, cfg: DictConfig, total_steps: int | None = None, reward_fn: RewardFn | None = None) -> None:
         stage, root = cfg.stage, cache_dir(cfg)
@@ -32,9 +33,17 @@ class RLHFEngine:
             if stage.max_steps <= 0:
                 raise ValueError("RLHFEngine needs total_steps or stage.max_steps > 0 for its LR schedules")
             total_steps = stage.max_steps
-        if reward_fn is None and not stage.reward_from:
-            raise models.ModelError("stage=ppo needs a reward model: stage.reward_from=<run>/reward/final")
-        self.cfg, self.reward_fn = cfg, reward_fn
+        if reward_fn is not None:
+            self.reward_funcs = [rewards.RewardFunction("reward_fn", 1.0, lambda p, c, **_: reward_fn(p, c))]
+        else:
+            self.reward_funcs = rewards.load(stage.reward_funcs, stage.reward_weights)
+        uses_model = any(r.fn is None for r in self.reward_funcs)
+        if uses_model and not stage.reward_from:
+            raise models.ModelError(
+                "stage=ppo needs a reward model: stage.reward_from=<run>/reward/final (stage.reward_funcs names "
+                "`model`; a reward function alone needs none, e.g. stage.reward_funcs=[rlhf.data.builtin:gold_reward])"
+            )
+        self.cfg = cfg
         if not dist.is_initialized():  # used from Python rather than through `rlhf`
             dist.configure_process(cfg, 1)
             dist.init(dist.backend(cfg))
@@ -64,7 +73,7 @@ class RLHFEngine:
         self.generation_model = rollout.GenerationModel(self.actor.module, self.actor_zero)
 
         self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
-        if reward_fn is None:
+        if uses_model:
             reward = models.load_reward_model(stage.reward_from, "stage.reward_from")
             if stage.disable_dropout:
                 models.disable_dropout(reward)
@@ -88,7 +97,7 @@ class RLHFEngine:
             self.actor_zero,
             self.lora_modules,
             f"critic ZeRO-{critic_zero}" if self.critic else f"no critic ({stage.advantage})",
-            stage.reward_from or "function",
+            ", ".join(f"{r.name} x {r.weight:g}" for r in self.reward_funcs),
         )
 
     def _build_critic(self) -> models.RewardModel:
@@ -98,7 +107,9 @@ class RLHFEngine:
         critic_source = stage.critic_from or stage.reward_from
         if critic_source:
             critic_vocab = (
-                self.reward_tokenizer if critic_source == stage.reward_from else load_saved_tokenizer(critic_source)
+                self.reward_tokenizer
+                if critic_source == stage.reward_from and self.reward is not None
+                else load_saved_tokenizer(critic_source)
             ).get_vocab()
             key = "stage.critic_from" if stage.critic_from else "stage.reward_from"
             if critic_vocab != self.tokenizer.get_vocab():
@@ -176,13 +187,30 @@ class RLHFEngine:
         self,
         prompts: list,
         responses: list[str],
+        columns: dict[str, list] | None = None,
         sequences: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reward of each response, the weighted sum of the reward functions (the reward model's score
+        normalised with its saved statistics under `stage.normalize_reward`), and each function's own values by its
+        key (nan where it returned None). `columns`: the data rows' other fields, by name, for the functions."""
+        parts = {
+            r.key: self._reward_model_score(prompts, responses, sequences, mask)
+            if r.fn is None
+            else rewards.call(r, prompts, responses, columns or {})
+            for r in self.reward_funcs
+        }
+        weighted = dict(parts)
+        if rewards.MODEL in parts and self.cfg.stage.normalize_reward:
+            mean, std = self.reward_stats["mean"], max(self.reward_stats["std"], 1e-8)
+            weighted[rewards.MODEL] = (parts[rewards.MODEL] - mean) / std
+        return rewards.combine(self.reward_funcs, weighted, prompts), parts
+
+    def _reward_model_score(
+        self, prompts: list, responses: list[str], sequences: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
-        """The raw reward of each response: the reward function, the reward model on these token ids (shared
-        tokenizer), or on the texts tokenised with the reward model's tokenizer (without `sequences`)."""
-        if self.reward_fn is not None:
-            return torch.tensor(self.reward_fn(prompts, responses), dtype=torch.float)
+        """The reward model's raw score: on these token ids (shared tokenizer), or on the texts tokenised with the
+        reward model's tokenizer (without `sequences`)."""
         if sequences is not None and self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
             return self.reward(sequences.to(self.reward.device), mask.to(self.reward.device)).float().cpu()
         fmt = PromptFormat.for_tokenizer(self.reward_tokenizer, self.cfg.data)
