@@ -230,13 +230,18 @@ class PPOStageConfig:
     # learning
     ppo_epochs: int = 2
     mini_batches: int = 1  # optimizer steps per PPO epoch; each accumulates 1 / mini_batches of the rollouts
-    # gae: PPO's critic and GAE (per token); rloo / grpo: the prompt's other samples as the baseline (one advantage
-    # per response, samples_per_prompt >= 2), and no critic is built, trained or checkpointed
+    # gae: PPO's critic and GAE (per token). Without a critic (none built, trained or checkpointed): rloo, grpo,
+    # dr_grpo: the prompt's other samples as the baseline, one advantage per response (samples_per_prompt >= 2);
+    # reinforce_plus_plus: per-token returns whitened over the batch; reinforce_plus_plus_baseline: the same after
+    # subtracting each prompt's mean score (samples_per_prompt >= 2)
     advantage: str = "gae"
     gamma: float = 1.0  # gae only, as are lam, whiten_advantages, value_clip and the critic's settings
     lam: float = 0.95
     whiten_advantages: bool = True
+    kl_in_loss: bool = False  # the KL penalty in the actor's loss (as GRPO; use kl_estimator=k3), not in the reward
+    loss_aggregation: str = "token-mean"  # or seq-mean: each response's token mean, then the mean over responses
     clip_range: float = 0.2
+    clip_range_high: float = 0.0  # > 0: the upper clip 1 + this (DAPO's clip-higher); 0: 1 + clip_range
     value_clip: float = 0.2
     ema_beta: float = 0.0  # > 0: an EMA of the actor, updated each iteration (e.g. 0.9), saved beside it
     ptx_coef: float = 0.0  # > 0 with data.ptx: a language-model loss on pre-training text mixed into the actor's

@@ -27,6 +27,7 @@ from rlhf.config import (
 from rlhf.data import builtin, onpolicy
 from rlhf.data.formats import ADAPTERS
 from rlhf.data.sources import FORMAT_FIELDS
+from rlhf.ppo import functional as ppo_math
 
 
 def unknown_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
@@ -173,11 +174,20 @@ def validate(cfg: DictConfig) -> None:
         need(stage.ppo_epochs >= 1, f"stage.ppo_epochs={stage.ppo_epochs} must be >= 1")
         need(stage.samples_per_prompt >= 1, f"stage.samples_per_prompt={stage.samples_per_prompt} must be >= 1")
         need(
-            stage.advantage in ("gae", "rloo", "grpo"),
-            f"stage.advantage={stage.advantage} must be gae, rloo or grpo",
+            stage.advantage in ppo_math.ESTIMATORS,
+            f"stage.advantage={stage.advantage} must be one of {', '.join(ppo_math.ESTIMATORS)}",
         )
         need(
-            stage.advantage == "gae" or stage.samples_per_prompt >= 2,
+            stage.loss_aggregation in ("token-mean", "seq-mean"),
+            f"stage.loss_aggregation={stage.loss_aggregation} must be token-mean or seq-mean",
+        )
+        need(stage.clip_range > 0, f"stage.clip_range={stage.clip_range} must be > 0")
+        need(
+            stage.clip_range_high >= 0,
+            f"stage.clip_range_high={stage.clip_range_high} must be >= 0 (0: the same as clip_range)",
+        )
+        need(
+            stage.advantage not in ppo_math.GROUP_ESTIMATORS or stage.samples_per_prompt >= 2,
             f"stage.advantage={stage.advantage} compares each response with the others to its prompt: it needs "
             f"stage.samples_per_prompt >= 2 (it is {stage.samples_per_prompt})",
         )

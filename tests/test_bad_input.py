@@ -161,7 +161,7 @@ CASES = [
         ["stage=ppo", "stage.global_batch=8", "stage.mini_batches=3"],
         "= 8 rollouts must split into stage.mini_batches=3",
     ),
-    Case("unknown advantage estimator", ["stage=ppo", "stage.advantage=ppo"], "must be gae, rloo or grpo"),
+    Case("unknown advantage estimator", ["stage=ppo", "stage.advantage=ppo"], "must be one of gae, rloo, grpo"),
     Case(
         "group estimator with one sample per prompt",
         ["stage=ppo", "stage.advantage=rloo"],

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from rlhf import pipeline
 from rlhf.chat import Chat, interactive, resolve_model_dir
 from rlhf.compose import compose
 from rlhf.pipeline import result_text
@@ -138,6 +139,19 @@ def test_a_subset_of_stages_reuses_earlier_outputs(quickstart_run: Path, tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run_dir = single_run_dir(tmp_path)
     assert not (run_dir / "sft").exists() and (run_dir / "ppo" / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("preset", ["grpo-builtin", "learn"])
+def test_the_verifier_presets_run_sft_then_ppo_without_a_reward_model(
+    preset: str, tmp_path: Path, dist_process_group
+) -> None:
+    tiny = ["model=tiny", "model@reward_model=tiny", "logger=none", "optimizer.lr=1e-3", "eval.gold_prompts=8"]
+    short = ["stage.sft.max_steps=2", "stage.ppo.max_steps=1", "stage.ppo.global_batch=4", "stage.ppo.max_new_tokens=8"]
+    cfg = compose([f"experiment={preset}", *tiny, *short, "stage.ppo.samples_per_prompt=2"])
+    assert pipeline.run(cfg, tmp_path / "run") == 0
+    summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["sft", "ppo"]
+    assert not (tmp_path / "run" / "reward").exists() and (tmp_path / "run" / "ppo" / "final").is_dir()
 
 
 @pytest.mark.parametrize("preset", ["opt-1.3b-1gpu", "opt-13b-8gpu", "opt-66b-64gpu"])

@@ -393,6 +393,37 @@ def test_a_group_estimator_builds_trains_and_checkpoints_no_critic(dist_process_
     assert "ppo/value_loss" not in outcome.shown and "ppo/policy_loss" in outcome.shown
 
 
+@pytest.mark.parametrize("estimator", ppo_math.ESTIMATORS)
+def test_every_estimator_trains_on_the_same_loop_and_only_gae_has_a_critic(dist_process_group, estimator: str):
+    trainer = function_reward_trainer(
+        "stage.global_batch=4", "stage.samples_per_prompt=2", f"stage.advantage={estimator}", "stage.kl_coef=0.1"
+    )
+    assert (trainer.engine.critic is not None) == (estimator == "gae")
+    exp = trainer.generate_experience(trainer.prompt_batch(0))
+    m = exp.response_mask.float()
+    if estimator.startswith("reinforce_plus_plus"):  # per-token returns, whitened over the batch
+        assert ppo_math.masked_mean(exp.advantages, m).item() == pytest.approx(0.0, abs=1e-5)
+        assert ppo_math.masked_var(exp.advantages, m).item() == pytest.approx(1.0, abs=1e-3)
+        baseline = estimator.endswith("baseline")
+        scores = ppo_math.subtract_group_mean(exp.scores, 2) if baseline else exp.scores
+        torch.testing.assert_close(exp.rewards.sum(dim=1), scores - 0.1 * exp.kl)
+    outcome = trainer.run_step()
+    logged = {"ppo/clipfrac_low", "ppo/clipfrac_high", "ppo/truncated_frac", "ppo/flat_group_frac"}
+    assert logged <= set(outcome.metrics)
+    assert ("ppo/value_loss" in outcome.metrics) == (estimator == "gae")
+
+
+def test_the_kl_in_the_loss_leaves_the_rewards_and_adds_a_loss_term(dist_process_group) -> None:
+    trainer = function_reward_trainer(
+        "stage.global_batch=4", "stage.samples_per_prompt=2", "stage.advantage=grpo", "stage.kl_in_loss=true",
+        "stage.kl_estimator=k3", "stage.kl_coef=0.1",
+    )  # fmt: skip
+    exp = trainer.generate_experience(trainer.prompt_batch(0))
+    torch.testing.assert_close(exp.rewards.sum(dim=1), exp.scores)  # no KL shaping
+    stats = trainer.train_step(exp)
+    assert stats["kl_loss"] >= 0  # k3 is never negative
+
+
 def test_rollout_gold_scores_the_reward_on_pairs_of_answers_to_one_prompt(dist_process_group) -> None:
     from rlhf.stages.ppo_experience import Experience, rollout_gold
 

@@ -71,26 +71,49 @@ def test_whitening_over_valid_entries(batch) -> None:
     assert out[~batch["mask"].bool()].abs().sum() == 0
 
 
-def test_policy_loss_and_clipping_against_a_loop(batch) -> None:
+@pytest.mark.parametrize(("clip_high", "aggregation"), [(0.0, "token-mean"), (0.28, "token-mean"), (0.0, "seq-mean")])
+def test_policy_loss_and_clipping_against_a_loop(batch, clip_high: float, aggregation: str) -> None:
     clip = 0.2
+    high = clip_high or clip
     new = batch["logp"] + torch.randn_like(batch["logp"]) * 0.3
-    loss, clipfrac, approx_kl = ppo_math.policy_loss(new, batch["logp"], batch["adv"], batch["mask"], clip)
-    terms, clipped_count, kls = [], 0, []
+    loss, low_frac, high_frac, approx_kl = ppo_math.policy_loss(
+        new, batch["logp"], batch["adv"], batch["mask"], clip, clip_high, aggregation
+    )
+    rows, low_count, high_count, kls = [], 0, 0, []
     for i, row in enumerate(batch["mask"]):
+        terms = []
         for t in range(int(row.sum())):
             ratio = math.exp(new[i, t] - batch["logp"][i, t])
             a = float(batch["adv"][i, t])
-            plain, cut = -a * ratio, -a * min(max(ratio, 1 - clip), 1 + clip)
+            plain, cut = -a * ratio, -a * min(max(ratio, 1 - clip), 1 + high)
             terms.append(max(plain, cut))
-            clipped_count += cut > plain
+            low_count += cut > plain and ratio < 1
+            high_count += cut > plain and ratio > 1
             kls.append(ratio - 1 - math.log(ratio))
-    assert loss.item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
-    assert clipfrac.item() == pytest.approx(clipped_count / len(terms))
+        rows.append(terms)
+    tokens = [term for terms in rows for term in terms]
+    if aggregation == "token-mean":
+        expected = sum(tokens) / len(tokens)
+    else:  # each response's mean, then the mean over responses
+        expected = sum(sum(terms) / len(terms) for terms in rows) / len(rows)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert low_frac.item() == pytest.approx(low_count / len(tokens)) and low_count > 0
+    assert high_frac.item() == pytest.approx(high_count / len(tokens)) and high_count > 0
     assert approx_kl.item() == pytest.approx(sum(kls) / len(kls), abs=1e-6)
-    same, zero_clip, _ = ppo_math.policy_loss(batch["logp"], batch["logp"], batch["adv"], batch["mask"], clip)
-    assert zero_clip.item() == 0 and same.item() == pytest.approx(
+    same, no_low, no_high, _ = ppo_math.policy_loss(batch["logp"], batch["logp"], batch["adv"], batch["mask"], clip)
+    assert no_low.item() == no_high.item() == 0 and same.item() == pytest.approx(
         -ppo_math.masked_mean(batch["adv"], batch["mask"]).item()
     )
+
+
+def test_clip_higher_lets_the_ratio_of_a_good_token_rise_further() -> None:
+    mask, adv, old = torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1)
+    new = torch.full((1, 1), math.log(1.25), requires_grad=True)  # ratio 1.25: past 1.2, within 1.28
+    symmetric, *_ = ppo_math.policy_loss(new, old, adv, mask, 0.2)
+    higher, *_ = ppo_math.policy_loss(new, old, adv, mask, 0.2, clip_high=0.28)
+    assert symmetric.item() == pytest.approx(-1.2) and higher.item() == pytest.approx(-1.25)
+    (grad,) = torch.autograd.grad(higher, new)
+    assert grad.item() != 0  # still learning where the symmetric clip has stopped
 
 
 def test_value_loss_and_clipping_against_a_loop(batch) -> None:
@@ -221,5 +244,16 @@ def test_group_advantages_against_hand_computed_values() -> None:
     grpo = ppo_math.group_advantages(returns, 4, "grpo")
     std = math.sqrt(1 / 3)
     assert grpo.tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std, 0, 0, 0, 0], rel=1e-3)
+    # dr_grpo: r - the group's mean, no division
+    assert ppo_math.group_advantages(returns, 4, "dr_grpo").tolist() == [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="unknown group estimator"):
         ppo_math.group_advantages(returns, 4, "gae")
+
+
+def test_reinforce_returns_and_group_baseline_against_hand_computed_values() -> None:
+    rewards = torch.tensor([[-0.1, -0.2, 1.0, 0.0], [0.3, -0.1, 0.0, 0.0]])  # KL-shaped; row 1 ends at token 1
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    returns = ppo_math.reinforce_returns(rewards, mask)
+    torch.testing.assert_close(returns, torch.tensor([[0.7, 0.8, 1.0, 0.0], [0.2, -0.1, 0.0, 0.0]]))
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0])  # two prompts of 3 samples
+    assert ppo_math.subtract_group_mean(scores, 3).tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, -2, 0, 2])

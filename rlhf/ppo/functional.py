@@ -115,31 +115,72 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_plus_plus_baseline")  # need samples_per_prompt >= 2
+ESTIMATORS = ("gae", "rloo", "grpo", "dr_grpo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+
+
 def group_advantages(returns: torch.Tensor, group: int, estimator: str) -> torch.Tensor:
     """One advantage per response from its return and those of the other responses to the same prompt (`group`
-    consecutive rows each): rloo subtracts the mean of the others (leave-one-out), grpo standardises within the
-    group ((r - mean) / (std + 1e-4), 0 where all agree). [B] -> [B]."""
+    consecutive rows each): rloo subtracts the mean of the others (leave-one-out); grpo standardises within the
+    group ((r - mean) / (std + 1e-4), 0 where all agree); dr_grpo only subtracts the group's mean (Dr. GRPO: no
+    division by the std, which weighs groups that nearly agree up). [B] -> [B]."""
     r = returns.view(-1, group)
     if estimator == "rloo":
         return (r - (r.sum(dim=1, keepdim=True) - r) / (group - 1)).flatten()
     if estimator == "grpo":
         return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-4)).flatten()
-    raise ValueError(f"unknown group estimator {estimator!r} (rloo or grpo)")
+    if estimator == "dr_grpo":
+        return (r - r.mean(dim=1, keepdim=True)).flatten()
+    raise ValueError(f"unknown group estimator {estimator!r} (rloo, grpo or dr_grpo)")
+
+
+def reinforce_returns(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++'s per-token returns: the sum of the (KL-shaped) rewards from each token to the end of its
+    response, undiscounted; 0 after it."""
+    masked = rewards * mask
+    return (masked.flip(1).cumsum(1).flip(1)) * mask
+
+
+def subtract_group_mean(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Each score less the mean of its prompt's group (`group` consecutive rows): REINFORCE++-baseline's
+    baseline, applied to the score before the KL shaping. [B] -> [B]."""
+    s = scores.view(-1, group)
+    return (s - s.mean(dim=1, keepdim=True)).flatten()
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """A per-token loss as one number: token-mean averages every valid token of the batch (TRL, OpenRLHF, verl),
+    seq-mean each response's valid tokens, then the responses."""
+    if aggregation == "token-mean":
+        return masked_mean(per_token, mask)
+    if aggregation == "seq-mean":
+        return masked_mean(per_token, mask, dim=1).mean()
+    raise ValueError(f"unknown loss aggregation {aggregation!r} (token-mean or seq-mean)")
 
 
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate loss, the fraction of tokens where the clip was active, and the approximate KL
-    between the old and the new policy (k3 of the ratio)."""
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    clip_high: float = 0.0,
+    aggregation: str = "token-mean",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate loss, the fractions of tokens where the ratio was clipped below (1 - clip) and
+    above (1 + clip_high, DAPO's clip-higher; clip_high 0: the same as clip), and the approximate KL between the
+    old and the new policy (k3 of the ratio), the loss aggregated as `aggregate` does."""
+    high = clip_high or clip
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + high)
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
+    bit = clipped > unclipped
+    clipped_low = masked_mean((bit & (ratio < 1.0)).float(), mask)
+    clipped_high = masked_mean((bit & (ratio > 1.0)).float(), mask)
     approx_kl = masked_mean(torch.expm1(log_ratio) - log_ratio, mask)
-    return loss, clipfrac, approx_kl
+    return loss, clipped_low, clipped_high, approx_kl
 
 
 def value_loss(

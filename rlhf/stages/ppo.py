@@ -172,14 +172,24 @@ class PPOTrainer:
                 logprobs, entropy = actor_logprobs(eng.actor, seq, mask, prompt, stage.temperature, entropy=True)
                 old = exp.logprobs[idx, :length].to(actor_dev)
                 advantages = exp.advantages[idx, :length].to(actor_dev)
-                pg_loss, clipfrac, approx_kl = ppo_math.policy_loss(logprobs, old, advantages, m, stage.clip_range)
+                pg_loss, clip_low, clip_high, approx_kl = ppo_math.policy_loss(
+                    logprobs, old, advantages, m, stage.clip_range, stage.clip_range_high, stage.loss_aggregation
+                )
                 loss = pg_loss
                 stats = {
                     "policy_loss": pg_loss.item(),
-                    "clipfrac": clipfrac.item(),
+                    "clipfrac": clip_low.item() + clip_high.item(),
+                    "clipfrac_low": clip_low.item(),
+                    "clipfrac_high": clip_high.item(),
                     "approx_kl": approx_kl.item(),
                     "entropy": ppo_math.masked_mean(entropy, m).item(),
                 }
+                if stage.kl_in_loss:  # GRPO's way: the KL to the reference as a loss term, not a reward
+                    ref = exp.ref_logprobs[idx, :length].to(actor_dev)
+                    kl = ppo_math.kl_penalty(logprobs, ref, stage.kl_estimator)
+                    kl_loss = ppo_math.aggregate(kl, m, stage.loss_aggregation)
+                    loss = loss + self.kl_ctl.value * kl_loss
+                    stats["kl_loss"] = kl_loss.item()
                 if self.ptx_blocks:
                     ptx_loss = self._ptx_loss(self.step * stage.ppo_epochs + epoch, start, len(idx), len(order))
                     loss = loss + stage.ptx_coef * ptx_loss
@@ -312,7 +322,10 @@ class PPOTrainer:
         m = exp.response_mask.float()
         lengths = exp.response_mask.sum(dim=1).float()
         reached_eos = (exp.sequences[:, -exp.response_mask.shape[1] :] == self.tokenizer.eos_token_id).any(dim=1)
-        n_rows, score_sum, score_sq, kl_sum, len_sum, eos_sum, train_tokens, *part_sums = dist.all_reduce_sum(
+        truncated = ~reached_eos & (lengths >= stage.max_new_tokens)  # cut off by max_new_tokens
+        groups = exp.scores.view(-1, stage.samples_per_prompt)
+        flat_groups = (groups.max(dim=1).values == groups.min(dim=1).values).sum().item()  # no signal for a baseline
+        totals = dist.all_reduce_sum(
             [
                 len(exp.scores),
                 exp.scores.sum().item(),
@@ -320,10 +333,16 @@ class PPOTrainer:
                 exp.kl.sum().item(),
                 lengths.sum().item(),
                 reached_eos.sum().item(),
+                truncated.sum().item(),
+                flat_groups,
+                len(groups),
                 exp.attention_mask.sum().item() * stage.ppo_epochs,
                 *(x for values in exp.reward_parts.values() for x in finite_sums(values)),
             ]
         )
+        n_rows, score_sum, score_sq, kl_sum, len_sum, eos_sum = totals[:6]
+        truncated_sum, flat_sum, n_groups, train_tokens = totals[6:10]
+        part_sums = totals[10:]
         reward_mean = score_sum / n_rows
         kl_mean = kl_sum / n_rows
         metrics = {
@@ -335,12 +354,15 @@ class PPOTrainer:
             **{f"ppo/{k}": v for k, v in stats.items()},
             "ppo/response_len": len_sum / n_rows,
             "ppo/eos_rate": eos_sum / n_rows,
+            "ppo/truncated_frac": truncated_sum / n_rows,
             "ppo/actor_lr": self.engine.actor.get_lr()[0],
             "perf/gen_tokens_per_s": len_sum / exp.generation_s,
             "perf/train_tokens_per_s": train_tokens / update_s,
             "perf/gen_time_frac": exp.generation_s / (experience_s + update_s),
             "perf/experience_time_frac": experience_s / (experience_s + update_s),
         }
+        if stage.samples_per_prompt > 1:
+            metrics["ppo/flat_group_frac"] = flat_sum / n_groups  # groups whose samples all scored the same
         if self.engine.critic is not None:
             metrics["ppo/value_explained_var"] = ppo_math.explained_variance(
                 exp.values, exp.returns, m, dist.all_reduce_sum

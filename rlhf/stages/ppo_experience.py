@@ -26,7 +26,7 @@ class Experience(NamedTuple):
     logprobs: torch.Tensor  # actor log-probs of the sampled tokens when sampled
     ref_logprobs: torch.Tensor
     values: torch.Tensor  # critic values of the state before each token
-    rewards: torch.Tensor  # shaped: -kl_coef * KL per token, plus the score at the last token
+    rewards: torch.Tensor  # per token: the score at the last token, less kl_coef * KL unless the KL is in the loss
     advantages: torch.Tensor
     returns: torch.Tensor
     scores: torch.Tensor  # [B] the score learnt from: the reward, plus the EOS penalty, clipped
@@ -41,7 +41,7 @@ class Experience(NamedTuple):
 @torch.no_grad()
 def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok, kl_coef: float) -> Experience:
     """Rollouts for prompts ({prompt, input_ids}, each prompt's samples in consecutive rows), scored: actor and
-    reference log-probs, critic values, the reward, KL-shaped rewards and the advantages of `stage.advantage`."""
+    reference log-probs, critic values, the reward, per-token rewards and the advantages of `stage.advantage`."""
     eng.eval_mode()
     prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id, stage.prompt_width)
     width = prompts["input_ids"].shape[1]
@@ -72,14 +72,7 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
 
     m = resp_mask.float()
     kl = ppo_math.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
-    rewards = ppo_math.shaped_rewards(scores, kl, m, kl_coef)
-    if stage.advantage == "gae":
-        advantages, returns = ppo_math.gae(rewards, values * m, m, stage.gamma, stage.lam)
-        if stage.whiten_advantages:  # over the global batch: every rank's advantages on one scale
-            advantages = ppo_math.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
-    else:  # each prompt's samples are consecutive rows of this rank's batch (prompt_batches)
-        group = ppo_math.group_advantages(rewards.sum(dim=1), stage.samples_per_prompt, stage.advantage)
-        advantages, returns = group[:, None] * m, torch.zeros_like(rewards)
+    advantages, returns, rewards = estimate_advantages(scores, kl, values * m, m, stage, kl_coef)
     gold_scores = [
         builtin.score(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")
         for p, t in zip(prompt_texts, texts, strict=True)
@@ -102,6 +95,28 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
         list(zip(prompt_texts, texts, reward.tolist(), strict=True)),
         generation_s,
     )
+
+
+def estimate_advantages(
+    scores: torch.Tensor, kl: torch.Tensor, values: torch.Tensor, m: torch.Tensor, stage: DictConfig, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The advantages and returns of `stage.advantage`, and the per-token rewards they come from (the score at the
+    last token, less kl_coef x KL at every token unless the KL is in the loss). Each prompt's samples are
+    consecutive rows of this rank's batch (prompt_batches); whitening is over every rank's batch."""
+    group = stage.samples_per_prompt
+    if stage.advantage == "reinforce_plus_plus_baseline":
+        scores = ppo_math.subtract_group_mean(scores, group)
+    rewards = ppo_math.shaped_rewards(scores, kl, m, 0.0 if stage.kl_in_loss else kl_coef)
+    if stage.advantage == "gae":
+        advantages, returns = ppo_math.gae(rewards, values, m, stage.gamma, stage.lam)
+        if stage.whiten_advantages:
+            advantages = ppo_math.whiten(advantages, m, all_reduce=dist.all_reduce_sum)
+        return advantages, returns, rewards
+    if stage.advantage.startswith("reinforce_plus_plus"):
+        returns = ppo_math.reinforce_returns(rewards, m)
+        return ppo_math.whiten(returns, m, all_reduce=dist.all_reduce_sum), torch.zeros_like(rewards), rewards
+    per_response = ppo_math.group_advantages(rewards.sum(dim=1), group, stage.advantage)
+    return per_response[:, None] * m, torch.zeros_like(rewards), rewards
 
 
 def rollout_gold(exp: Experience) -> dict[str, float]:
