@@ -413,6 +413,15 @@ def test_every_estimator_trains_on_the_same_loop_and_only_gae_has_a_critic(dist_
     assert ("ppo/value_loss" in outcome.metrics) == (estimator == "gae")
 
 
+def test_without_a_kl_penalty_no_reference_model_is_built(dist_process_group) -> None:
+    trainer = function_reward_trainer("stage.kl_coef=0", "eval.gold_prompts=4")
+    assert trainer.engine.reference is None
+    outcome = trainer.run_step()
+    assert outcome.metrics["ppo/kl"] == 0.0
+    evaluation = trainer.evaluate("end")
+    assert "eval/gold_score" in evaluation and "eval/kl" not in evaluation  # nothing to measure a KL to
+
+
 def test_the_kl_in_the_loss_leaves_the_rewards_and_adds_a_loss_term(dist_process_group) -> None:
     trainer = function_reward_trainer(
         "stage.global_batch=4", "stage.samples_per_prompt=2", "stage.advantage=grpo", "stage.kl_in_loss=true",

@@ -388,6 +388,8 @@ class PPOTrainer:
             answers = list(gold.answers(model, self.tokenizer, rows, cfg.eval.batch, cfg.eval.max_new_tokens))
         kl_sum, kl_rows, reward_sum, correct, texts = 0.0, 0, 0.0, [], []
         kl_share = 0 if self.step == 0 else cfg.eval.kl_prompts // self.world  # the actor is the reference at 0
+        if eng.reference is None:  # kl_coef 0: no reference model to measure the KL to
+            kl_share = 0
         micro = cfg.hardware.micro_batch  # full-vocabulary logits for the KL: a micro-batch at a time
         for batch in answers:
             limit = max(0, min(len(batch.rows), kl_share - kl_rows))
@@ -405,7 +407,9 @@ class PPOTrainer:
             correct += gold.grade(batch.rows, batch.texts)
             texts += batch.texts
         kl_sum, kl_rows, reward_sum, n = dist.all_reduce_sum([kl_sum, kl_rows, reward_sum, len(rows)])
-        metrics = {"eval/kl": kl_sum / kl_rows if kl_rows else 0.0, "eval/reward": reward_sum / n}
+        metrics = {"eval/reward": reward_sum / n}
+        if eng.reference is not None:
+            metrics["eval/kl"] = kl_sum / kl_rows if kl_rows else 0.0
         record = gold.gather(rows, correct, texts)
         if record is not None:  # rank 0
             self.gold_records[when] = record
@@ -418,7 +422,7 @@ class PPOTrainer:
                 self.step,
                 stats.wilson_interval(sum(record.correct), len(record.correct)).text(),
                 metrics["eval/reward"],
-                metrics["eval/kl"],
+                metrics.get("eval/kl", math.nan),
                 len(record.correct),
             )
         return metrics
@@ -434,7 +438,7 @@ class PPOTrainer:
             reward, _ = self.engine.score(list(prompts), list(texts), columns_of(rows[part]))
             reward_sum += reward.sum().item()
         reward_sum, n = dist.all_reduce_sum([reward_sum, len(rows)])
-        metrics = {"eval/kl": 0.0, "eval/reward": reward_sum / n}
+        metrics = {"eval/reward": reward_sum / n} | ({"eval/kl": 0.0} if self.engine.reference is not None else {})
         if self.rank == 0:
             self.gold_records["start"] = self.sft_record
             if self.run_dir is not None:

@@ -60,7 +60,10 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
         logprobs = rolled.logprobs.cpu()  # the actor's at sampling time: a fresh forward equals them up to rounding
     else:
         logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
-    ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
+    if eng.reference is not None:
+        ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
+    else:  # kl_coef 0: no reference model, and a KL of 0
+        ref_logprobs = logprobs.clone()
     values = torch.zeros_like(logprobs)
     if eng.critic is not None:
         device = eng.critic.device

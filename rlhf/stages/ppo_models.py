@@ -59,7 +59,7 @@ class RLHFEngine:
         actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
         if stage.disable_dropout:
             models.disable_dropout(actor)
-        reference = copy.deepcopy(actor)
+        reference = copy.deepcopy(actor) if stage.kl_coef > 0 else None  # no KL penalty: no reference to hold
         self.lora_modules = models.prepare_for_training(actor, cfg.model)
         self.actor = engine.initialize(
             actor,
@@ -69,7 +69,7 @@ class RLHFEngine:
             zero_stage=self.actor_zero,
             accumulation=accumulation,
         )
-        self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero)
+        self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero) if reference is not None else None
         self.generation_model = rollout.GenerationModel(self.actor.module, self.actor_zero)
 
         self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
@@ -92,10 +92,11 @@ class RLHFEngine:
                 accumulation=accumulation,
             )
         log.info(
-            "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), reference, %s, reward %s",
+            "ppo engines ready in %.1f s: actor ZeRO-%d (%d LoRA modules), %s, %s, reward %s",
             time.perf_counter() - started,
             self.actor_zero,
             self.lora_modules,
+            "reference" if self.reference is not None else "no reference (kl_coef 0)",
             f"critic ZeRO-{critic_zero}" if self.critic else f"no critic ({stage.advantage})",
             ", ".join(f"{r.name} x {r.weight:g}" for r in self.reward_funcs),
         )
