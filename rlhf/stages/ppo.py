@@ -1,8 +1,10 @@
-"""Stage 3: PPO of the actor against the reward model, with a frozen reference, a critic, EMA and PTX.
+"""Stage 3: PPO of the actor against its reward (the reward model and/or reward functions, rlhf.rewards), with a
+frozen reference, a critic (GAE) or a group baseline, EMA and PTX.
 
 Each iteration (1) samples responses to a batch of prompts with the actor, (2) scores them — actor and reference
-log-probs, critic values, the reward model's score — and shapes per-token rewards with the KL penalty, (3) computes
-GAE advantages, then (4) runs `ppo_epochs` passes of clipped policy and value updates over micro-batches.
+log-probs, critic values, the reward — and shapes per-token rewards with the KL penalty, (3) computes the advantages
+of `stage.advantage` (rlhf.stages.ppo_experience), then (4) runs `ppo_epochs` passes of clipped policy (and value)
+updates over micro-batches.
 """
 
 from __future__ import annotations
