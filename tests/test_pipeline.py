@@ -141,13 +141,10 @@ def test_a_subset_of_stages_reuses_earlier_outputs(quickstart_run: Path, tmp_pat
     assert not (run_dir / "sft").exists() and (run_dir / "ppo" / "final" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("preset", ["grpo-builtin", "learn"])
-def test_the_verifier_presets_run_sft_then_ppo_without_a_reward_model(
-    preset: str, tmp_path: Path, dist_process_group
-) -> None:
+def test_the_learn_preset_runs_sft_then_ppo_without_a_reward_model(tmp_path: Path, dist_process_group) -> None:
     tiny = ["model=tiny", "model@reward_model=tiny", "logger=none", "optimizer.lr=1e-3", "eval.gold_prompts=8"]
     short = ["stage.sft.max_steps=2", "stage.ppo.max_steps=1", "stage.ppo.global_batch=4", "stage.ppo.max_new_tokens=8"]
-    cfg = compose([f"experiment={preset}", *tiny, *short, "stage.ppo.samples_per_prompt=2"])
+    cfg = compose(["experiment=learn", *tiny, *short, "stage.ppo.samples_per_prompt=2"])
     assert pipeline.run(cfg, tmp_path / "run") == 0
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["sft", "ppo"]

@@ -4,6 +4,7 @@ everything, LoRA trains only LoRA weights, and a ZeRO-3 actor runs on two proces
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf import dist, models
+from rlhf import dist, models, pipeline
 from rlhf.compose import compose
 from rlhf.config import ConfigError, DType
 from rlhf.data.tokenize import used_columns
@@ -95,10 +96,11 @@ def test_ppo_stage_logs_every_metric_and_saves_actor_and_ema(tmp_path: Path, tin
     assert expected <= keys, expected - keys
 
 
-def test_missing_reward_model_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_cli([*PPO_SMALL, "stage.max_steps=1"], tmp_path)
-    assert result.returncode == 2
-    assert "stage=ppo needs a reward model: stage.reward_from=" in result.stdout + result.stderr
+def test_missing_reward_model_is_a_clear_error(tmp_path: Path, dist_process_group, caplog) -> None:
+    with caplog.at_level(logging.ERROR):
+        code = pipeline.run(compose([*PPO_SMALL, "logger=none", "stage.max_steps=1"]), tmp_path / "run")
+    assert code == 2
+    assert "stage=ppo needs a reward model: stage.reward_from=" in caplog.text
 
 
 def test_lora_actor_trains_only_lora_and_merged_generation_matches(tmp_path: Path, tiny_reward: Path) -> None:
