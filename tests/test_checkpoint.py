@@ -19,6 +19,7 @@ from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
 
 SFT = ["experiment=tiny", "stage=sft", "logger=none", "stage.max_steps=4", "stage.checkpoint_interval=2"]
+SFT += ["eval.gold_prompts=0", "stage.eval_max_batches=1"]  # checkpoints are the subject, not evaluations
 
 
 def sft_trainer(run_dir: Path, overrides: list[str]) -> SFTTrainer:

@@ -22,11 +22,11 @@ def function(fn) -> RewardFunction:
 
 
 def test_load_imports_by_path_and_file_with_weights(tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / "own_rewards.py").write_text("def brevity(prompts, completions, **columns):\n    return [1.0]\n")
+    (tmp_path / "load_me.py").write_text("def brevity(prompts, completions, **columns):\n    return [1.0]\n")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "file_rewards.py").write_text("def brevity(prompts, completions, **columns):\n    return []\n")
     monkeypatch.chdir(tmp_path)
-    names = ["model", "rlhf.data.builtin:gold_reward", "own_rewards:brevity", f"{tmp_path}/sub/file_rewards.py:brevity"]
+    names = ["model", "rlhf.data.builtin:gold_reward", "load_me:brevity", f"{tmp_path}/sub/file_rewards.py:brevity"]
     funcs = rewards.load(names, [1.0, 2.0, 0.5, 0.25])
     assert [f.fn for f in funcs[:2]] == [None, builtin.gold_reward]
     assert [f.weight for f in funcs] == [1.0, 2.0, 0.5, 0.25]
