@@ -204,10 +204,8 @@ class PPOStageConfig:
     grad_clip: float = 1.0
     init_from: str = ""  # the actor: an SFT output folder (empty: the `model` option)
     reward_from: str = ""  # a reward-stage output folder (required when reward_funcs names `model`)
-    # what PPO is rewarded with: `model` (the reward model) and Python functions `module:function` (rlhf.rewards),
-    # summed with reward_weights (empty: 1.0 each); e.g. [rlhf.data.builtin:gold_reward] for the built-in verifier
-    reward_funcs: list[str] = field(default_factory=lambda: ["model"])
-    reward_weights: list[float] = field(default_factory=list)
+    reward_funcs: list[str] = field(default_factory=lambda: ["model"])  # `model` and `module:function`s (rlhf.rewards)
+    reward_weights: list[float] = field(default_factory=list)  # one per reward function; empty: 1.0 each
     critic_from: str = ""  # the critic's initialisation (empty: the reward model)
     actor_zero_stage: int = -1  # -1: hardware.zero_stage
     critic_zero_stage: int = -1  # -1: hardware.zero_stage
@@ -227,14 +225,9 @@ class PPOStageConfig:
     normalize_reward: bool = True  # (score - mean) / std with the reward model's saved statistics
     score_clip: float = 5.0
     no_eos_penalty: float = 0.0  # added to the score of a response that never reaches EOS (e.g. -1.0)
-    # learning
-    ppo_epochs: int = 2
+    ppo_epochs: int = 2  # learning: passes over each iteration's rollouts
     mini_batches: int = 1  # optimizer steps per PPO epoch; each accumulates 1 / mini_batches of the rollouts
-    # gae: PPO's critic and GAE (per token). Without a critic (none built, trained or checkpointed): rloo, grpo,
-    # dr_grpo: the prompt's other samples as the baseline, one advantage per response (samples_per_prompt >= 2);
-    # reinforce_plus_plus: per-token returns whitened over the batch; reinforce_plus_plus_baseline: the same after
-    # subtracting each prompt's mean score (samples_per_prompt >= 2)
-    advantage: str = "gae"
+    advantage: str = "gae"  # the critic's GAE, or without a critic rloo, grpo, dr_grpo, reinforce_plus_plus(_baseline)
     gamma: float = 1.0  # gae only, as are lam, whiten_advantages, value_clip and the critic's settings
     lam: float = 0.95
     whiten_advantages: bool = True

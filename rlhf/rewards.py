@@ -171,3 +171,21 @@ def combine(rewards: Sequence[RewardFunction], parts: dict[str, torch.Tensor], p
             "None; add one that does (e.g. model)"
         )
     return (stacked.nan_to_num(0.0) * weights).sum(dim=0)
+
+
+def finite_sums(values: torch.Tensor) -> tuple[float, float, int]:
+    """The sum, the sum of squares and the count of the finite values (a reward function's None is nan)."""
+    finite = values[values.isfinite()]
+    return finite.sum().item(), (finite**2).sum().item(), len(finite)
+
+
+def reward_function_metrics(keys: list[str], sums: list[float]) -> dict[str, float]:
+    """Each reward function's mean and std over the rows it scored, from `finite_sums` of each in turn (summed over
+    the ranks); nan for a function that scored no row."""
+    metrics = {}
+    for i, key in enumerate(keys):
+        total, squares, n = sums[3 * i : 3 * i + 3]
+        mean = total / n if n else math.nan
+        metrics[f"reward/{key}_mean"] = mean
+        metrics[f"reward/{key}_std"] = max(squares / n - mean**2, 0.0) ** 0.5 if n else math.nan
+    return metrics

@@ -30,31 +30,19 @@ from rlhf.ppo import functional as ppo_math
 from rlhf.rewards import columns_of
 from rlhf.stages import loop
 from rlhf.stages.loop import LoopProgress, StepOutcome
-from rlhf.stages.ppo_experience import Experience, build_experience, rollout_gold
+from rlhf.stages.ppo_experience import (
+    Experience,
+    IterationInputs,
+    build_experience,
+    iteration_metrics,
+    rollout_gold,
+)
 from rlhf.stages.ppo_models import RewardFn, RLHFEngine, actor_logprobs, response_logits
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/entropy")
-
-
-def finite_sums(values: torch.Tensor) -> tuple[float, float, int]:
-    """The sum, the sum of squares and the count of the finite values (a reward function's None is nan)."""
-    finite = values[values.isfinite()]
-    return finite.sum().item(), (finite**2).sum().item(), len(finite)
-
-
-def reward_function_metrics(keys: list[str], sums: list[float]) -> dict[str, float]:
-    """Each reward function's mean and std over the rows it scored, from `finite_sums` of each in turn (summed over
-    the ranks); nan for a function that scored no row."""
-    metrics = {}
-    for i, key in enumerate(keys):
-        total, squares, n = sums[3 * i : 3 * i + 3]
-        mean = total / n if n else math.nan
-        metrics[f"reward/{key}_mean"] = mean
-        metrics[f"reward/{key}_std"] = max(squares / n - mean**2, 0.0) ** 0.5 if n else math.nan
-    return metrics
 
 
 class PPOTrainer:
@@ -318,59 +306,13 @@ class PPOTrainer:
     def _iteration_metrics(
         self, exp: Experience, stats: dict[str, float], experience_s: float, update_s: float
     ) -> tuple[dict[str, float], int]:
-        """The iteration's figures over all ranks (reward, KL, losses, lengths, throughput) and the tokens it
-        trained on; updates the KL controller with the iteration's KL."""
-        stage = self.cfg.stage
-        m = exp.response_mask.float()
-        lengths = exp.response_mask.sum(dim=1).float()
-        reached_eos = (exp.sequences[:, -exp.response_mask.shape[1] :] == self.tokenizer.eos_token_id).any(dim=1)
-        truncated = ~reached_eos & (lengths >= stage.max_new_tokens)  # cut off by max_new_tokens
-        groups = exp.scores.view(-1, stage.samples_per_prompt)
-        flat_groups = (groups.max(dim=1).values == groups.min(dim=1).values).sum().item()  # no signal for a baseline
-        totals = dist.all_reduce_sum(
-            [
-                len(exp.scores),
-                exp.scores.sum().item(),
-                (exp.scores**2).sum().item(),
-                exp.kl.sum().item(),
-                lengths.sum().item(),
-                reached_eos.sum().item(),
-                truncated.sum().item(),
-                flat_groups,
-                len(groups),
-                exp.attention_mask.sum().item() * stage.ppo_epochs,
-                *(x for values in exp.reward_parts.values() for x in finite_sums(values)),
-            ]
-        )
-        n_rows, score_sum, score_sq, kl_sum, len_sum, eos_sum = totals[:6]
-        truncated_sum, flat_sum, n_groups, train_tokens = totals[6:10]
-        part_sums = totals[10:]
-        reward_mean = score_sum / n_rows
-        kl_mean = kl_sum / n_rows
-        metrics = {
-            "ppo/reward_mean": reward_mean,
-            "ppo/reward_std": max(score_sq / n_rows - reward_mean**2, 0.0) ** 0.5,
-            **reward_function_metrics(list(exp.reward_parts), part_sums),
-            "ppo/kl": kl_mean,
-            "ppo/kl_coef": self.kl_ctl.value,
-            **{f"ppo/{k}": v for k, v in stats.items()},
-            "ppo/response_len": len_sum / n_rows,
-            "ppo/eos_rate": eos_sum / n_rows,
-            "ppo/truncated_frac": truncated_sum / n_rows,
-            "ppo/actor_lr": self.engine.actor.get_lr()[0],
-            "perf/gen_tokens_per_s": len_sum / exp.generation_s,
-            "perf/train_tokens_per_s": train_tokens / update_s,
-            "perf/gen_time_frac": exp.generation_s / (experience_s + update_s),
-            "perf/experience_time_frac": experience_s / (experience_s + update_s),
-        }
-        if stage.samples_per_prompt > 1:
-            metrics["ppo/flat_group_frac"] = flat_sum / n_groups  # groups whose samples all scored the same
-        if self.engine.critic is not None:
-            metrics["ppo/value_explained_var"] = ppo_math.explained_variance(
-                exp.values, exp.returns, m, dist.all_reduce_sum
-            )
-        self.kl_ctl.update(kl_mean, int(n_rows))
-        return metrics | rollout_gold(exp), int(train_tokens)
+        """The iteration's figures over all ranks (iteration_metrics) and the tokens it trained on; updates the KL
+        controller with the iteration's KL."""
+        eng = self.engine
+        figures = IterationInputs(self.tokenizer.eos_token_id, self.kl_ctl.value, eng.actor.get_lr()[0], eng.critic)
+        metrics, train_tokens, n_rows = iteration_metrics(exp, self.cfg.stage, figures, stats, experience_s, update_s)
+        self.kl_ctl.update(metrics["ppo/kl"], n_rows)
+        return metrics | rollout_gold(exp), train_tokens
 
     @torch.no_grad()
     def evaluate_gold(self, when: str) -> dict[str, float]:

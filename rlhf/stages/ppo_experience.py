@@ -4,7 +4,7 @@ rewards and advantages (GAE with the critic, or a group baseline) that the updat
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -13,7 +13,7 @@ from rlhf import dist, rollout, stats
 from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left
 from rlhf.ppo import functional as ppo_math
-from rlhf.rewards import columns_of
+from rlhf.rewards import columns_of, finite_sums, reward_function_metrics
 from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
 
 
@@ -145,3 +145,70 @@ def rollout_gold(exp: Experience) -> dict[str, float]:
         "ppo/reward_gold_auc": stats.auc(rewards, golds),
         "ppo/reward_gold_pair_acc": stats.within_group_accuracy(rewards, golds, prompts),
     }
+
+
+class IterationInputs(NamedTuple):
+    """What the iteration's figures need from the trainer besides the experience."""
+
+    eos_id: int
+    kl_coef: float
+    actor_lr: float
+    critic: Any  # the critic engine, or None
+
+
+def iteration_metrics(
+    exp: Experience,
+    stage: DictConfig,
+    inputs: IterationInputs,
+    stats: dict[str, float],
+    experience_s: float,
+    update_s: float,
+) -> tuple[dict[str, float], int, int]:
+    """The iteration's figures over all ranks (reward, each reward function, KL, losses, lengths, truncation, flat
+    groups, throughput), the tokens it trained on and the rollouts it counted."""
+    m = exp.response_mask.float()
+    lengths = exp.response_mask.sum(dim=1).float()
+    reached_eos = (exp.sequences[:, -exp.response_mask.shape[1] :] == inputs.eos_id).any(dim=1)
+    truncated = ~reached_eos & (lengths >= stage.max_new_tokens)  # cut off by max_new_tokens
+    groups = exp.scores.view(-1, stage.samples_per_prompt)
+    flat_groups = (groups.max(dim=1).values == groups.min(dim=1).values).sum().item()  # no signal for a baseline
+    totals = dist.all_reduce_sum(
+        [
+            len(exp.scores),
+            exp.scores.sum().item(),
+            (exp.scores**2).sum().item(),
+            exp.kl.sum().item(),
+            lengths.sum().item(),
+            reached_eos.sum().item(),
+            truncated.sum().item(),
+            flat_groups,
+            len(groups),
+            exp.attention_mask.sum().item() * stage.ppo_epochs,
+            *(x for values in exp.reward_parts.values() for x in finite_sums(values)),
+        ]
+    )
+    n_rows, score_sum, score_sq, kl_sum, len_sum, eos_sum = totals[:6]
+    truncated_sum, flat_sum, n_groups, train_tokens = totals[6:10]
+    reward_mean = score_sum / n_rows
+    metrics = {
+        "ppo/reward_mean": reward_mean,
+        "ppo/reward_std": max(score_sq / n_rows - reward_mean**2, 0.0) ** 0.5,
+        **reward_function_metrics(list(exp.reward_parts), totals[10:]),
+        "ppo/kl": kl_sum / n_rows,
+        "ppo/kl_coef": inputs.kl_coef,
+        **{f"ppo/{k}": v for k, v in stats.items()},
+        "ppo/response_len": len_sum / n_rows,
+        "ppo/eos_rate": eos_sum / n_rows,
+        "ppo/truncated_frac": truncated_sum / n_rows,
+        "ppo/actor_lr": inputs.actor_lr,
+        "perf/gen_tokens_per_s": len_sum / exp.generation_s,
+        "perf/train_tokens_per_s": train_tokens / update_s,
+        "perf/gen_time_frac": exp.generation_s / (experience_s + update_s),
+        "perf/experience_time_frac": experience_s / (experience_s + update_s),
+    }
+    if stage.samples_per_prompt > 1:
+        metrics["ppo/flat_group_frac"] = flat_sum / n_groups  # groups whose samples all scored the same
+    if inputs.critic is not None:
+        explained = ppo_math.explained_variance(exp.values, exp.returns, m, dist.all_reduce_sum)
+        metrics["ppo/value_explained_var"] = explained
+    return metrics, int(train_tokens), int(n_rows)
