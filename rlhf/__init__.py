@@ -2,7 +2,7 @@
 
 from rlhf.compose import compose
 
-__all__ = ["PPOTrainer", "RLHFEngine", "compose"]
+__all__ = ["PPOTrainer", "PPOModels", "compose"]
 
 
 def __getattr__(name: str):
@@ -11,8 +11,8 @@ def __getattr__(name: str):
         from rlhf.stages.ppo import PPOTrainer
 
         return PPOTrainer
-    if name == "RLHFEngine":
-        from rlhf.stages.ppo_models import RLHFEngine
+    if name == "PPOModels":
+        from rlhf.stages.ppo_models import PPOModels
 
-        return RLHFEngine
+        return PPOModels
     raise AttributeError(f"module 'rlhf' has no attribute {name!r}")

@@ -197,17 +197,17 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
     from rlhf.config import world_size
     from rlhf.models import TORCH_DTYPES
     from rlhf.stages.ppo import PPOTrainer
-    from rlhf.stages.ppo_models import RLHFEngine
+    from rlhf.stages.ppo_models import PPOModels
     from rlhf.tracking import Tracker
 
     stage = cfg.stage
     load_started = time.perf_counter()
-    engine = RLHFEngine(cfg, total_steps=warmup + iterations)
+    ppo_models = PPOModels(cfg, total_steps=warmup + iterations)
     load_s = time.perf_counter() - load_started
     with Tracker(cfg, "bench", run_dir, dist.rank()) as tracker:
-        trainer = PPOTrainer(cfg, run_dir, tracker, engine=engine)
+        trainer = PPOTrainer(cfg, run_dir, tracker, models=ppo_models)
         needed = stage.global_batch * (warmup + iterations)
-        prompts = bench_prompts(engine.tokenizer, needed, stage.prompt_width)
+        prompts = bench_prompts(ppo_models.tokenizer, needed, stage.prompt_width)
         rows = [prompts[j % len(prompts)] for j in range(needed)]  # the 64 prompts again for longer runs
         dtype = TORCH_DTYPES[cfg.hardware.precision]
         device = "cpu" if cfg.hardware.accelerator == "cpu" else "cuda"
@@ -247,7 +247,7 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
         peak = max(peak_before, peak_after)
         log.info("matmul peak before the loop %.1f, after %.1f GFLOP/s", peak_before / 1e9, peak_after / 1e9)
         reused = stage.rollout == "engine" and stage.reuse_rollout_logprobs
-        actor, critic = Shape.of(engine.actor.module.config), Shape.of(engine.critic.module.config)
+        actor, critic = Shape.of(ppo_models.actor.module.config), Shape.of(ppo_models.critic.module.config)
         per_iteration = [
             phase_flops(actor, critic, stage.global_batch, prompt, response, actor_passes=1 if reused else 2)
             for prompt, response in shapes

@@ -91,7 +91,7 @@ def answers(
 
 def grade(rows: list[dict], texts: list[str]) -> list[float]:
     """The gold score (1 right, 0 wrong) of each answer to a built-in prompt."""
-    return [builtin.score(row["prompt"], text) for row, text in zip(rows, texts, strict=True)]
+    return [builtin.grade(row["prompt"], text) for row, text in zip(rows, texts, strict=True)]
 
 
 class GoldRecord(NamedTuple):
@@ -163,6 +163,21 @@ def save(folder: Path, records: dict[str, GoldRecord]) -> Path:
     tmp.write_text(json.dumps({when: record._asdict() for when, record in records.items()}))
     os.replace(tmp, path)
     return path
+
+
+def describe(record: GoldRecord) -> str:
+    """The score with its 95% interval and the prompt count, for a log line."""
+    score = stats.wilson_interval(sum(record.correct), len(record.correct))
+    return f"{score.text()} on {len(record.correct)} held-out prompts, greedy"
+
+
+def keep(records: dict[str, GoldRecord], when: str, record: GoldRecord, folder: Path | None) -> dict[str, float]:
+    """Keep `record` as evaluation `when` of `records`, saved in `<folder>/gold.json` (not without a folder); its
+    W&B figures."""
+    records[when] = record
+    if folder is not None:
+        save(folder, records)
+    return metrics(record)
 
 
 def load(folder: Path) -> dict[str, GoldRecord]:

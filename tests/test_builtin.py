@@ -23,27 +23,27 @@ def test_generation_is_deterministic_distinct_and_covers_every_family() -> None:
 
 def test_chosen_is_right_and_rejected_is_wrong_for_every_pair() -> None:
     pairs = builtin.generate(3000, seed=1)
-    assert all(builtin.score(p.prompt, p.chosen) == 1.0 for p in pairs)
-    assert all(builtin.score(p.prompt, p.rejected) == 0.0 for p in pairs)
+    assert all(builtin.grade(p.prompt, p.chosen) == 1.0 for p in pairs)
+    assert all(builtin.grade(p.prompt, p.rejected) == 0.0 for p in pairs)
     assert all(p.chosen != p.rejected for p in pairs)
 
 
 def test_gold_scorer_on_hand_written_answers() -> None:
-    score = builtin.score
-    assert score("What is 12 + 7?", "12 + 7 = 19. The answer is 19.") == 1.0
-    assert score("What is 12 + 7?", "19") == 1.0
-    assert score("What is 12 + 7?", "The answer is 20.") == 0.0
-    assert score("What is 12 * 3?", "I don't know.") == 0.0
-    assert score("Convert 3 kilometers to meters.", "That is 3000 meters. The answer is 3000.") == 1.0
-    assert score("How many times does the letter 'a' appear in 'banana'?", "The answer is 3.") == 1.0
-    assert score("Sort these numbers from smallest to largest: 5, 2, 9.", "2, 5, 9") == 1.0
-    assert score("Sort these numbers from smallest to largest: 5, 2, 9.", "5, 2, 9") == 0.0
-    assert score("Write the word 'planet' backwards.", "The answer is tenalp.") == 1.0
-    assert score("Write the word 'planet' backwards.", "The answer is planet.") == 0.0
-    assert score("Tell me a joke.", "Why did the chicken cross the road?") == 0.0
-    assert score("What is 1 + 1?", "") == 0.0
-    assert score("What is 1 + 1?", "The answer is 2") == 1.0
-    assert score("What is 1 + 1?", "The answer is 2, or maybe 3.") == 0.0  # the last number after 'answer is'
+    grade = builtin.grade
+    assert grade("What is 12 + 7?", "12 + 7 = 19. The answer is 19.") == 1.0
+    assert grade("What is 12 + 7?", "19") == 1.0
+    assert grade("What is 12 + 7?", "The answer is 20.") == 0.0
+    assert grade("What is 12 * 3?", "I don't know.") == 0.0
+    assert grade("Convert 3 kilometers to meters.", "That is 3000 meters. The answer is 3000.") == 1.0
+    assert grade("How many times does the letter 'a' appear in 'banana'?", "The answer is 3.") == 1.0
+    assert grade("Sort these numbers from smallest to largest: 5, 2, 9.", "2, 5, 9") == 1.0
+    assert grade("Sort these numbers from smallest to largest: 5, 2, 9.", "5, 2, 9") == 0.0
+    assert grade("Write the word 'planet' backwards.", "The answer is tenalp.") == 1.0
+    assert grade("Write the word 'planet' backwards.", "The answer is planet.") == 0.0
+    assert grade("Tell me a joke.", "Why did the chicken cross the road?") == 0.0
+    assert grade("What is 1 + 1?", "") == 0.0
+    assert grade("What is 1 + 1?", "The answer is 2") == 1.0
+    assert grade("What is 1 + 1?", "The answer is 2, or maybe 3.") == 0.0  # the last number after 'answer is'
 
 
 def test_builtin_families_draws_only_the_named_families_and_keeps_the_splits_apart() -> None:

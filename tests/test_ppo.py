@@ -21,7 +21,7 @@ from rlhf.lora import merged_lora
 from rlhf.ppo import functional as ppo_math
 from rlhf.rollout import response_mask
 from rlhf.stages.ppo import PPOTrainer
-from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
+from rlhf.stages.ppo_models import PPOModels, actor_logprobs
 from rlhf.stages.reward import RewardTrainer
 from rlhf.tracking import Tracker
 from tests import test_rollout
@@ -118,9 +118,9 @@ def test_lora_actor_trains_only_lora_and_merged_generation_matches(tmp_path: Pat
             "reward_model.lora.only_optimize_lora=true",
         ]
     )
-    engine = RLHFEngine(cfg, total_steps=2)
-    trainer = PPOTrainer(cfg, tmp_path, engine=engine)
-    actor, critic = engine.actor.module, engine.critic.module
+    ppo_models = PPOModels(cfg, total_steps=2)
+    trainer = PPOTrainer(cfg, tmp_path, models=ppo_models)
+    actor, critic = ppo_models.actor.module, ppo_models.critic.module
     before = {n: p.detach().clone() for n, p in actor.named_parameters()}
     critic_before = {n: p.detach().clone() for n, p in critic.named_parameters()}
     ids = torch.tensor([[5, 6, 7, 8]])
@@ -162,7 +162,7 @@ def test_zero3_generation_gathers_the_actor_once_per_call(dist_process_group, mo
     cfg = compose(
         [*PPO_SMALL, "logger=none", "stage.max_steps=1", "stage.actor_zero_stage=3", "stage.max_new_tokens=12"]
     )
-    engine = RLHFEngine(cfg, reward_fn=lambda prompts, responses: [0.0] * len(responses))
+    ppo_models = PPOModels(cfg, reward_fn=lambda prompts, responses: [0.0] * len(responses))
     hook_gathers, calls = [], []
     gather = Coordinator._PartitionedParameterCoordinator__all_gather_params
 
@@ -179,16 +179,16 @@ def test_zero3_generation_gathers_the_actor_once_per_call(dist_process_group, mo
     monkeypatch.setattr(deepspeed.zero, "GatheredParameters", CountingGathered)
     prompts = {"input_ids": torch.randint(5, 500, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
     prompts["attention_mask"][0, :2] = 0  # a left-padded row
-    ours = engine.generate(prompts, greedy=True).sequences
+    ours = ppo_models.generate(prompts, greedy=True).sequences
     assert len(calls) == 1 and hook_gathers == []  # one gather for the call, none per decoding step
-    engine.actor.module.eval()
+    ppo_models.actor.module.eval()
     with torch.no_grad():  # the same greedy tokens as generate through DeepSpeed's hooks, step by step
-        theirs = engine.actor.module.generate(
+        theirs = ppo_models.actor.module.generate(
             **prompts,
             max_new_tokens=12,
             do_sample=False,
-            eos_token_id=engine.tokenizer.eos_token_id,
-            pad_token_id=engine.tokenizer.pad_token_id,
+            eos_token_id=ppo_models.tokenizer.eos_token_id,
+            pad_token_id=ppo_models.tokenizer.pad_token_id,
         )
     assert hook_gathers  # the hooked path does gather per step
     assert torch.equal(ours, theirs[:, : ours.shape[1]])
@@ -231,9 +231,9 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     for precision in ("fp32", "bf16"):
         cfg = compose([*base, f"hardware.precision={precision}"])
         cfg.stage.reward_from = str(bench.reward_model_folder(cfg))
-        trainers[precision] = PPOTrainer(cfg, engine=RLHFEngine(cfg, total_steps=2))
+        trainers[precision] = PPOTrainer(cfg, models=PPOModels(cfg, total_steps=2))
     fp32, bf16 = trainers["fp32"], trainers["bf16"]
-    actor16 = bf16.engine.actor
+    actor16 = bf16.models.actor
     assert next(actor16.module.parameters()).dtype == torch.bfloat16
     assert all(m.dtype == torch.float32 for m in actor16.optimizer.masters)  # fp32 masters
 
@@ -241,7 +241,7 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     exp = fp32.generate_experience(bench.bench_prompts(fp32.tokenizer, 8, 64))
     sequences, mask = exp.sequences, exp.attention_mask
     with torch.no_grad():
-        lp32 = actor_logprobs(fp32.engine.actor, sequences, mask, 64, 0.7)
+        lp32 = actor_logprobs(fp32.models.actor, sequences, mask, 64, 0.7)
         lp16 = actor_logprobs(actor16, sequences, mask, 64, 0.7).float()
     assert (lp16 - lp32).abs().mean() < 0.01 * lp32.abs().mean()  # bf16 forward ~ fp32 forward
 
@@ -250,7 +250,7 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     masters = {
         names[id(p)]: master for p, master in zip(optimizer.model_params, optimizer.masters, strict=True)
     }  # the fp32 copy the bf16 optimizer steps, by parameter name
-    params32 = dict(fp32.engine.actor.module.named_parameters())
+    params32 = dict(fp32.models.actor.module.named_parameters())
     before32 = {n: params32[n].detach().clone() for n in masters}
     before16 = {n: m.clone() for n, m in masters.items()}
     stats32, stats16 = fp32.train_step(exp), bf16.train_step(exp)
@@ -303,12 +303,13 @@ def test_no_dropout_is_active_in_any_of_the_four_ppo_models(tmp_path: Path, dist
             f"stage.reward_from={folder / 'reward'}",
         ]
     )
-    engine = RLHFEngine(cfg)
-    for model in (engine.actor.module, engine.reference.module, engine.critic.module, engine.reward.module):
+    ppo_models = PPOModels(cfg)
+    four = (ppo_models.actor, ppo_models.reference, ppo_models.critic, ppo_models.reward_model)
+    for model in (m.module for m in four):
         assert active_dropout(model) == []
-    engine.train_mode()  # training mode: two forward passes agree, so old and new log-probs match at the start
+    ppo_models.train_mode()  # training mode: two forward passes agree, so old and new log-probs match at the start
     ids = torch.randint(5, 500, (2, 12))
-    first, second = engine.actor(input_ids=ids).logits, engine.actor(input_ids=ids).logits
+    first, second = ppo_models.actor(input_ids=ids).logits, ppo_models.actor(input_ids=ids).logits
     assert torch.equal(first, second)
 
 
@@ -317,22 +318,22 @@ def test_the_critic_starts_on_the_scale_of_the_normalised_scores(tmp_path: Path,
     shutil.copytree(tiny_reward, folder)
     (folder / models.REWARD_STATS).write_text(json.dumps({"mean": 0.7, "std": 2.5}))
     cfg = compose([*PPO_SMALL, "logger=none", "stage.max_steps=1", f"stage.reward_from={folder}"])
-    engine = RLHFEngine(cfg)
+    ppo_models = PPOModels(cfg)
     ids = torch.randint(5, 500, (3, 10))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        raw = engine.reward(ids, mask)
-        critic = engine.critic(ids, mask)
+        raw = ppo_models.reward_model(ids, mask)
+        critic = ppo_models.critic(ids, mask)
     torch.testing.assert_close(critic, (raw - 0.7) / 2.5, rtol=1e-4, atol=1e-5)  # what PPO's normalised score is
 
 
 def test_two_ranks_sample_different_responses_to_the_same_prompt(dist_process_group, monkeypatch) -> None:
     cfg = compose([*PPO_SMALL, "logger=none", "stage.max_steps=1", "stage.temperature=1.5", "eval.gold_prompts=0"])
-    engine = RLHFEngine(cfg, reward_fn=lambda prompts, responses: [0.0] * len(responses))
+    ppo_models = PPOModels(cfg, reward_fn=lambda prompts, responses: [0.0] * len(responses))
 
     def sample(rank: int) -> torch.Tensor:
         monkeypatch.setattr(dist, "rank", lambda: rank)
-        trainer = PPOTrainer(cfg, engine=engine)  # sets up, seeding this rank's sampling
+        trainer = PPOTrainer(cfg, models=ppo_models)  # sets up, seeding this rank's sampling
         return trainer.generate_experience(trainer.prompts[:4]).sequences
 
     rank0, rank1, rank0_again = sample(0), sample(1), sample(0)
@@ -345,16 +346,16 @@ def function_reward_trainer(*overrides: str) -> PPOTrainer:
     cfg = compose(
         [*PPO_SMALL, "logger=none", "stage.max_steps=1", "hardware.micro_batch=4", "eval.gold_prompts=0", *overrides]
     )
-    engine = RLHFEngine(cfg, reward_fn=lambda prompts, responses: [float(len(r) % 3) for r in responses])
-    return PPOTrainer(cfg, engine=engine)
+    ppo_models = PPOModels(cfg, reward_fn=lambda prompts, responses: [float(len(r) % 3) for r in responses])
+    return PPOTrainer(cfg, models=ppo_models)
 
 
 def test_ema_is_updated_after_every_actor_optimizer_step(dist_process_group) -> None:
     trainer = function_reward_trainer("stage.ema_beta=0.5", "stage.ppo_epochs=2", "stage.mini_batches=2")
-    engine = trainer.engine
+    ppo_models = trainer.models
     before = {n: t.clone() for n, t in trainer.ema.items()}
     trainer.train_step(trainer.generate_experience(trainer.prompt_batch(0)))
-    assert trainer.ema_updates == 4 == engine.actor.global_steps  # 2 epochs x 2 mini-batches
+    assert trainer.ema_updates == 4 == ppo_models.actor.global_steps  # 2 epochs x 2 mini-batches
     actor = trainer._actor_state()
     name = next(n for n in actor if "q_proj" in n)
     assert not torch.equal(trainer.ema[name], before[name]) and not torch.equal(trainer.ema[name], actor[name])
@@ -364,7 +365,7 @@ def test_samples_per_prompt_repeats_each_prompt_and_steps_on_all_its_rollouts(di
     trainer = function_reward_trainer(
         "stage.global_batch=4", "stage.samples_per_prompt=3", "stage.ppo_epochs=1", "stage.mini_batches=3"
     )
-    engine = trainer.engine
+    ppo_models = trainer.models
     batch = trainer.prompt_batch(0)
     prompts = [row["prompt"] for row in batch]
     assert len(batch) == 12 and len(set(prompts)) == 4
@@ -372,7 +373,7 @@ def test_samples_per_prompt_repeats_each_prompt_and_steps_on_all_its_rollouts(di
     exp = trainer.generate_experience(batch)
     assert len({tuple(s.tolist()) for s in exp.sequences[:3]}) > 1  # sampled apart, not copied
     trainer.train_step(exp)
-    assert engine.actor.global_steps == 3  # 12 rollouts in 3 mini-batches of one micro-batch each
+    assert ppo_models.actor.global_steps == 3  # 12 rollouts in 3 mini-batches of one micro-batch each
 
 
 def test_rollouts_that_do_not_split_into_mini_batches_are_a_config_error() -> None:
@@ -382,15 +383,15 @@ def test_rollouts_that_do_not_split_into_mini_batches_are_a_config_error() -> No
 
 def test_a_group_estimator_builds_trains_and_checkpoints_no_critic(dist_process_group) -> None:
     trainer = function_reward_trainer("stage.global_batch=4", "stage.samples_per_prompt=2", "stage.advantage=rloo")
-    engine = trainer.engine
-    assert engine.critic is None and list(trainer.engines()) == ["actor"]
+    ppo_models = trainer.models
+    assert ppo_models.critic is None and list(trainer.engines()) == ["actor"]
     exp = trainer.generate_experience(trainer.prompt_batch(0))
     pairs = (exp.scores - trainer.kl_ctl.value * exp.kl).view(-1, 2)
     expected = torch.stack([pairs[:, 0] - pairs[:, 1], pairs[:, 1] - pairs[:, 0]], dim=1).flatten()
     assert exp.advantages[:, 0].tolist() == pytest.approx(expected.tolist(), abs=1e-5)  # token 0 is always valid
     assert torch.equal(exp.advantages, exp.advantages[:, :1] * exp.response_mask)  # one per response, 0 after it
     stats = trainer.train_step(exp)
-    assert "value_loss" not in stats and engine.actor.global_steps >= 1
+    assert "value_loss" not in stats and ppo_models.actor.global_steps >= 1
     outcome = trainer.run_step()  # a whole iteration: its step log shows no value loss (not a nan)
     assert "ppo/value_loss" not in outcome.shown and "ppo/policy_loss" in outcome.shown
 
@@ -400,7 +401,7 @@ def test_every_estimator_trains_on_the_same_loop_and_only_gae_has_a_critic(dist_
     trainer = function_reward_trainer(
         "stage.global_batch=4", "stage.samples_per_prompt=2", f"stage.advantage={estimator}", "stage.kl_coef=0.1"
     )
-    assert (trainer.engine.critic is not None) == (estimator == "gae")
+    assert (trainer.models.critic is not None) == (estimator == "gae")
     exp = trainer.generate_experience(trainer.prompt_batch(0))
     m = exp.response_mask.float()
     if estimator.startswith("reinforce_plus_plus"):  # per-token returns, whitened over the batch
@@ -417,7 +418,7 @@ def test_every_estimator_trains_on_the_same_loop_and_only_gae_has_a_critic(dist_
 
 def test_without_a_kl_penalty_no_reference_model_is_built(dist_process_group) -> None:
     trainer = function_reward_trainer("stage.kl_coef=0", "eval.gold_prompts=4")
-    assert trainer.engine.reference is None
+    assert trainer.models.reference is None
     outcome = trainer.run_step()
     assert outcome.metrics["ppo/kl"] == 0.0
     evaluation = trainer.evaluate("end")
@@ -462,9 +463,9 @@ def test_reward_functions_from_the_config_are_weighted_with_the_reward_model(
     funcs = "stage.reward_funcs=[model,own_rewards:brevity,rlhf.data.builtin:gold_reward]"
     one = [*PPO_SMALL, "logger=none", "stage.max_steps=1", "eval.gold_prompts=0"]
     cfg = compose([*one, f"stage.reward_from={tiny_reward}", funcs, "stage.reward_weights=[1,0.5,2]"])
-    trainer = PPOTrainer(cfg, engine=RLHFEngine(cfg))
+    trainer = PPOTrainer(cfg, models=PPOModels(cfg))
     exp = trainer.generate_experience(trainer.prompt_batch(0))
-    parts, stats = exp.reward_parts, trainer.engine.reward_stats
+    parts, stats = exp.reward_parts, trainer.models.reward_stats
     assert set(parts) == {"model", "brevity", "gold_reward"}
     assert parts["brevity"].tolist() == pytest.approx([-len(text) / 10 for _, text, _ in exp.texts])
     model = (parts["model"] - stats["mean"]) / stats["std"]  # the reward model's score on its normalised scale
@@ -480,7 +481,7 @@ def test_the_readme_reward_function_runs_from_a_file_beside_the_run(tmp_path: Pa
     monkeypatch.chdir(tmp_path)
     one = [*PPO_SMALL, "logger=none", "stage.max_steps=1", "eval.gold_prompts=0", f"stage.reward_from={tiny_reward}"]
     cfg = compose([*one, "stage.reward_funcs=[model,my_rewards:brevity]", "stage.reward_weights=[1,0.5]"])
-    trainer = PPOTrainer(cfg, engine=RLHFEngine(cfg))
+    trainer = PPOTrainer(cfg, models=PPOModels(cfg))
     outcome = trainer.run_step()
     assert -1.0 <= outcome.metrics["reward/brevity_mean"] <= 0.0 and "reward/model_mean" in outcome.metrics
 
@@ -489,8 +490,8 @@ def test_a_reward_function_alone_needs_no_reward_model(dist_process_group) -> No
     one = [*PPO_SMALL, "logger=none", "stage.max_steps=1", "eval.gold_prompts=0", "stage.global_batch=4"]
     group = ["stage.advantage=rloo", "stage.samples_per_prompt=2"]
     cfg = compose([*one, *group, "stage.reward_funcs=[rlhf.data.builtin:gold_reward]"])
-    trainer = PPOTrainer(cfg, engine=RLHFEngine(cfg))
-    assert trainer.engine.reward is None and trainer.engine.critic is None
+    trainer = PPOTrainer(cfg, models=PPOModels(cfg))
+    assert trainer.models.reward_model is None and trainer.models.critic is None
     outcome = trainer.run_step()
     assert set(outcome.metrics) >= {"reward/gold_reward_mean", "ppo/policy_loss"}
 

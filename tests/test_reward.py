@@ -18,10 +18,11 @@ from rlhf import stages
 from rlhf.compose import compose
 from rlhf.config import ArchConfig, ModelConfig
 from rlhf.data import builtin
-from rlhf.data.tokenize import pad_left, pad_right
+from rlhf.data.tokenize import pad_left, pad_right, pair_batch
 from rlhf.models import load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
 from rlhf.ppo.functional import last_valid_index
-from rlhf.stages.reward import RewardTrainer, pair_batch, pairwise_loss
+from rlhf.preference import pair_figures, pair_sums, pairwise_loss
+from rlhf.stages.reward import RewardTrainer
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir
 from tests.test_sft import inspect_wandb, wandb_runs
@@ -217,7 +218,7 @@ def test_score_statistics_come_from_the_policys_own_answers(tmp_path: Path, dist
     ]
     metrics = trainer.evaluate_pairs()
     with torch.no_grad():
-        chosen, rejected = trainer._scores(pair_batch(trainer.eval_pairs, trainer.tokenizer.pad_token_id))
+        chosen, rejected = trainer.scores(pair_batch(trainer.eval_pairs, trainer.tokenizer.pad_token_id))
     own = [c for c, (mine, _, _) in zip(chosen.tolist(), flags, strict=True) if mine]
     own += [r for r, (_, mine, _) in zip(rejected.tolist(), flags, strict=True) if mine]
     mean = sum(own) / len(own)
@@ -255,7 +256,7 @@ def test_onpolicy_pairs_come_from_the_policys_graded_answers_and_are_kept_for_a_
     rows = {r["prompt"]: r for r in builtin_rows()}
     for pair in saved["train"]:
         assert pair["chosen"] == rows[pair["prompt"]]["chosen"]
-        assert builtin.score(pair["prompt"], pair["rejected"]) == 0.0
+        assert builtin.grade(pair["prompt"], pair["rejected"]) == 0.0
     kinds = [p["kind"] for p in trainer.train_pairs]
     assert kinds.count("reference") == len(saved["train"]) == kinds.count("data")  # static_fraction 0.5: as many
     assert [p["kind"] for p in trainer.eval_pairs] == ["reference"] * len(saved["eval"])
@@ -281,3 +282,21 @@ def test_onpolicy_pairs_come_from_the_policys_graded_answers_and_are_kept_for_a_
 def builtin_rows() -> list[dict]:
     cfg = compose(["experiment=tiny", "stage=reward"])
     return [{"prompt": p.prompt, "chosen": p.chosen} for p in builtin.generate(cfg.data.builtin_size, cfg.data.seed)]
+
+
+def test_pair_figures_from_pairs_counted_by_hand() -> None:
+    pairs = [
+        {"kind": "a", "policy_chosen": True},
+        {"kind": "a", "policy_rejected": True},
+        {"kind": "b"},
+    ]
+    chosen, rejected = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0])  # right, wrong, a tie (wrong)
+    sums = pair_sums(pairs, chosen, rejected, ("a", "b"), 0.0, all_are_own=False)
+    metrics, score_stats = pair_figures(sums, ("a", "b"))
+    assert metrics["reward/acc"] == pytest.approx(1 / 3) and metrics["reward/eval_pairs"] == 3
+    assert metrics["reward/acc_a"] == 0.5 and metrics["reward/acc_b"] == 0.0
+    assert metrics["reward/gap"] == pytest.approx((3.0 - 3.0) / 3)
+    assert metrics["reward/eval_loss"] == pytest.approx(pairwise_loss(chosen, rejected).item())
+    assert score_stats == {"mean": 1.5, "std": 0.5, "pairs": 3, "answers": 2}  # the policy's answers: 2.0 and 1.0
+    everything = pair_figures(pair_sums(pairs, chosen, rejected, ("a", "b"), 0.0, all_are_own=True), ("a", "b"))[1]
+    assert everything["answers"] == 6 and everything["mean"] == pytest.approx(1.0)

@@ -13,8 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.compose import compose
+from rlhf.data import eval_share
 from rlhf.lora import LoRALinear
-from rlhf.stages.sft import SFTTrainer, eval_share
+from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir
 

@@ -217,6 +217,14 @@ def batch_indices(count: int, global_batch: int, seed: int, step: int, rank: int
     return order[within * global_batch : (within + 1) * global_batch][rank::world].tolist()
 
 
+def eval_share(count: int, limit: int, rank: int, world: int) -> range:
+    """This rank's indices of the first `limit` of `count` eval examples: the same examples are evaluated at any
+    world size (so runs compare), in equal shares (under ZeRO-3 every rank must run the same forward passes)."""
+    total = min(count, limit)
+    total -= total % world
+    return range(rank, total, world)
+
+
 def plan_steps(count: int, stage_cfg: DictConfig, what: str) -> tuple[int, int]:
     """(optimizer steps per epoch, total steps) for `count` training examples under the stage's global batch,
     epochs and max_steps; too few examples for one batch is a DataError."""

@@ -286,7 +286,7 @@ def _final_answer(response: str, expected: str) -> str | None:
     return words[-1].lower() if words else None
 
 
-def score(prompt: str, response: str) -> float:
+def grade(prompt: str, response: str) -> float:
     """Gold score in [0, 1]: 1 when the response's final answer is right, 0 otherwise or for unknown prompts."""
     expected = reference_answer(prompt)
     if expected is None:
@@ -298,6 +298,6 @@ def gold_reward(prompts: list, completions: list[str], **columns) -> list[float 
     """The gold score as a PPO reward function (`stage.reward_funcs=[rlhf.data.builtin:gold_reward]`): 1.0 for a
     right final answer, 0.0 for a wrong one, None for a prompt that is not a built-in task (chat messages included)."""
     return [
-        score(p, c) if isinstance(p, str) and reference_answer(p) is not None else None
+        grade(p, c) if isinstance(p, str) and reference_answer(p) is not None else None
         for p, c in zip(prompts, completions, strict=True)
     ]

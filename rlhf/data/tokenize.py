@@ -148,3 +148,11 @@ def pad_right(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows then rejected rows of tokenised pairs in one right-padded batch, so one forward pass scores
+    both."""
+    rows = [{"input_ids": p[k], "labels": p[k]} for k in ("chosen", "rejected") for p in pairs]
+    batch = pad_right(rows, pad_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

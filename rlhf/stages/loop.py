@@ -1,10 +1,11 @@
 """The one stage loop: what every stage repeats, written once.
 
 A stage (SFT, reward model, PPO) is a recipe behind the `Stage` protocol: its setup, one optimizer step (one PPO
-iteration), its evaluation and its summary figures, its save, and its engines and state for checkpoints. `train`
-runs it: the evaluation at the start, the timed steps with the non-finite guard, the history, the evaluation
-cadence, the W&B metrics and the step log, and the checkpoint hooks (a stop request is honoured at step
-boundaries; a resumed stage continues from its step).
+iteration), its evaluation and its summary figures, its save, and its engines and state for checkpoints. `Recipe`
+holds what every recipe keeps (its place, loop state, guard) and checkpoints it. `train` runs a stage: the
+evaluation at the start, the timed steps with the non-finite guard, the history, the evaluation cadence, the W&B
+metrics and the step log, and the checkpoint hooks (a stop request is honoured at step boundaries; a resumed stage
+continues from its step).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
-from rlhf import dist
+from rlhf import dist, lora
 from rlhf.checkpoint import Checkpointer
+from rlhf.data import batch_indices, datasets
 from rlhf.guard import StepGuard
-from rlhf.progress import StepLog, eval_due
+from rlhf.progress import StepLog, eval_due, loss_figures
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -131,3 +133,77 @@ def train(stage: Stage) -> dict:
         if checkpoints is not None:
             checkpoints.step_done(stage.total_steps)
     return stage.figures()
+
+
+class Recipe:
+    """What every recipe keeps: its config, run folder and W&B run, `step`, `progress` and `guard`, and their
+    checkpointing (with one DeepSpeed engine, `engine`, under "model"; a recipe with more overrides `engines`). A
+    recipe adds its setup, step, evaluation, figures and save."""
+
+    name: str
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | None, tracker: Tracker) -> None:
+        self.cfg, self.run_dir, self.tracker = cfg, run_dir, tracker
+        self.out_dir = run_dir / self.name if run_dir is not None else None
+        self.step = 0
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.progress = LoopProgress()
+        self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
+        self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
+
+    def train(self) -> dict:
+        """Every remaining step through the stage loop; the summary figures."""
+        return train(self)
+
+    def load_data(self, tokenizer) -> dict:
+        """This stage's tokenised data (rlhf.data.datasets), its per-source counts recorded in the W&B summary."""
+        processed = datasets.processed(self.cfg, self.name, tokenizer)
+        self.tracker.summary({f"data/{self.name}/{source}": n for source, n in processed["counts"].items()})
+        return processed
+
+    def micro_batches_of(self, rows: list, step: int) -> list[list]:
+        """This rank's share of `rows` for optimizer step `step`, in micro-batches: a pure function of (seed,
+        step), so a resumed run sees exactly the data an uninterrupted one would."""
+        mine = batch_indices(len(rows), self.cfg.stage.global_batch, self.cfg.seed, step, self.rank, self.world)
+        micro = self.cfg.hardware.micro_batch
+        return [[rows[i] for i in mine[m : m + micro]] for m in range(0, len(mine), micro)]
+
+    def loss_figures(self) -> dict:
+        """The summary figures of a stage whose history is its losses: steps, throughput, first and last loss,
+        the evaluations' figures and the skipped steps."""
+        progress = self.progress
+        return {
+            "steps": self.step,
+            **loss_figures(progress.history, progress.samples, progress.train_seconds, progress.train_tokens),
+            **progress.evals,
+            "skipped_steps": self.guard.skipped,
+        }
+
+    def engines(self) -> dict:
+        return {"model": self.engine}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "progress": self.progress.state_dict(), "guard": self.guard.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.progress = state["step"], LoopProgress.from_state(state["progress"])
+        self.guard.load_state_dict(state["guard"])
+
+
+def param_counts(model) -> dict[str, int]:
+    """The summary's parameter counts: all, trainable and LoRA."""
+    named = list(model.named_parameters())
+    return {
+        "params": sum(p.numel() for _, p in named),
+        "trainable_params": sum(p.numel() for _, p in named if p.requires_grad),
+        "lora_params": sum(p.numel() for n, p in named if ".lora_" in n),
+    }
+
+
+def merged_weights(engine, zero_stage: int) -> dict:
+    """An engine's full weights with LoRA merged, for saving (gathered under ZeRO-3: every rank must call); empty
+    on ranks other than 0."""
+    state = dist.full_state_dict(engine, zero_stage)
+    if dist.rank() != 0:
+        return {}
+    return lora.merge_lora_state_dict(state, lora.lora_scalings(engine.module))

@@ -18,18 +18,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from rlhf import dist, gold, lora, models, stats
-from rlhf.checkpoint import Checkpointer
+from rlhf import dist, gold, stats
 from rlhf.config import cache_dir, ppo_rollouts
-from rlhf.data import DataError, batch_indices, datasets, plan_steps
-from rlhf.data.tokenize import (
-    used_columns,
-)
-from rlhf.guard import StepGuard, all_finite
+from rlhf.data import DataError, batch_indices, plan_steps
+from rlhf.data.tokenize import used_columns
+from rlhf.guard import all_finite
+from rlhf.models import load_tokenizer, save_hf
 from rlhf.ppo import functional as ppo_math
 from rlhf.rewards import columns_of
-from rlhf.stages import loop
-from rlhf.stages.loop import LoopProgress, StepOutcome
+from rlhf.stages.loop import Recipe, StepOutcome, merged_weights
 from rlhf.stages.ppo_experience import (
     Experience,
     IterationInputs,
@@ -37,7 +34,7 @@ from rlhf.stages.ppo_experience import (
     iteration_metrics,
     rollout_gold,
 )
-from rlhf.stages.ppo_models import RewardFn, RLHFEngine, actor_logprobs, response_logits
+from rlhf.stages.ppo_models import PPOModels, RewardFn, actor_logprobs, response_logits
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -45,9 +42,10 @@ log = logging.getLogger(__name__)
 SHOWN_METRICS = ("ppo/reward_mean", "ppo/kl", "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/entropy")
 
 
-class PPOTrainer:
-    """PPO iterations over the prompt share of the data mix; the stage protocol plus the pieces of the loop
-    (`prompt_batch`, `generate_experience`, `train_step`) for people who write their own."""
+class PPOTrainer(Recipe):
+    """PPO iterations over the prompt share of the data mix (a recipe of rlhf.stages.loop), plus the pieces of the
+    loop (`prompt_batch`, `generate_experience`, `train_step`) for people who write their own. `models` (PPOModels,
+    built from the config when not given) are the four models; given, the trainer is set up at once."""
 
     name = "ppo"
 
@@ -56,39 +54,33 @@ class PPOTrainer:
         cfg: DictConfig,
         run_dir: Path | None = None,
         tracker: Tracker | None = None,
-        engine: RLHFEngine | None = None,
+        models: PPOModels | None = None,
         reward_fn: RewardFn | None = None,
     ) -> None:
-        self.cfg, self.run_dir, self.engine, self.reward_fn = cfg, run_dir, engine, reward_fn
-        self.tracker = tracker or Tracker.off(cfg, self.name)
-        self.step = 0
-        self.rank, self.world = dist.rank(), dist.world_size()
+        super().__init__(cfg, run_dir, tracker or Tracker.off(cfg, self.name))
+        self.models, self.reward_fn = models, reward_fn
         self.ema: dict[str, torch.Tensor] | None = None
         self.ema_updates = 0
-        self.progress = LoopProgress()
-        self.guard = StepGuard(self.name, cfg.checkpoint.max_skipped_in_a_row)
-        self.checkpoints: Checkpointer | None = None  # set by the stage runner; None: no checkpoints
-        if engine is not None:
+        if models is not None:
             self.setup()
 
     # 1. setup: prompts (too-long ones dropped and counted), PTX blocks, the four engines, KL controller, EMA
     def setup(self) -> None:
         cfg, stage = self.cfg, self.cfg.stage
         torch.manual_seed(cfg.seed)
-        self.tokenizer = self.engine.tokenizer if self.engine else models.load_tokenizer(cfg.model, cache_dir(cfg))
-        data = datasets.processed(cfg, self.name, self.tokenizer)
+        self.tokenizer = self.models.tokenizer if self.models else load_tokenizer(cfg.model, cache_dir(cfg))
+        data = self.load_data(self.tokenizer)
         self.prompts, self.dropped = data["train"], data["dropped"]
         self.gold_rows = gold.held_out_rows(cfg, self.tokenizer)
-        self.gold_records = gold.load(self.run_dir / self.name) if self.run_dir else {}
+        self.gold_records = gold.load(self.out_dir) if self.out_dir else {}
         self.sft_record = self._sft_final_record()
-        self.tracker.summary({f"data/{self.name}/{s}": n for s, n in data["counts"].items()})
         self.tracker.summary({"data/ppo/dropped_too_long": self.dropped})
         self.ptx_blocks = data["ptx"] if stage.ptx_coef > 0 else []
         if stage.ptx_coef > 0 and not self.ptx_blocks:
             raise DataError("stage.ptx_coef > 0 but the PTX source gives no block of max_prompt_len + max_answer_len")
         self.steps_per_epoch, self.total_steps = plan_steps(len(self.prompts), stage, "PPO prompts")
-        if self.engine is None:
-            self.engine = RLHFEngine(cfg, self.total_steps, self.reward_fn)
+        if self.models is None:
+            self.models = PPOModels(cfg, self.total_steps, self.reward_fn)
         torch.manual_seed(dist.rank_seed(cfg.seed))  # the models are built: from here on ranks sample apart
         self.kl_ctl = ppo_math.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
         if stage.ema_beta > 0:
@@ -136,18 +128,18 @@ class PPOTrainer:
     # 2. experience: sample, then score with the four models (rlhf.stages.ppo_experience)
     def generate_experience(self, batch: list[dict]) -> Experience:
         """Rollouts for prompts as `prompt_batches` gives them ({prompt, input_ids}), scored."""
-        return build_experience(self.engine, batch, self.cfg.stage, self.tokenizer, self.kl_ctl.value)
+        return build_experience(self.models, batch, self.cfg.stage, self.tokenizer, self.kl_ctl.value)
 
     # 3. learning: ppo_epochs passes over the experience, each `mini_batches` optimizer steps of clipped policy and
     # value losses; a step accumulates the gradients of its micro-batches (DeepSpeed steps at the boundary)
     def train_step(self, exp: Experience) -> dict[str, float]:
-        eng, stage = self.engine, self.cfg.stage
+        models, stage = self.models, self.cfg.stage
         width = exp.sequences.shape[1] - exp.response_mask.shape[1]
         micro = self.cfg.hardware.micro_batch
-        actor_dev = eng.actor.device
+        actor_dev = models.actor.device
         sums: dict[str, float] = {}
         count = 0
-        eng.train_mode()
+        models.train_mode()
         for epoch in range(stage.ppo_epochs):
             order = torch.randperm(
                 len(exp.sequences), generator=torch.Generator().manual_seed(self.cfg.seed + self.step * 131 + epoch)
@@ -159,7 +151,7 @@ class PPOTrainer:
                 seq, mask = exp.sequences[idx, first : width + length], exp.attention_mask[idx, first : width + length]
                 prompt = width - first
                 m = exp.response_mask[idx, :length].float().to(actor_dev)
-                logprobs, entropy = actor_logprobs(eng.actor, seq, mask, prompt, stage.temperature, entropy=True)
+                logprobs, entropy = actor_logprobs(models.actor, seq, mask, prompt, stage.temperature, entropy=True)
                 old = exp.logprobs[idx, :length].to(actor_dev)
                 advantages = exp.advantages[idx, :length].to(actor_dev)
                 pg_loss, clip_low, clip_high, approx_kl = ppo_math.policy_loss(
@@ -184,12 +176,12 @@ class PPOTrainer:
                     ptx_loss = self._ptx_loss(self.step * stage.ppo_epochs + epoch, start, len(idx), len(order))
                     loss = loss + stage.ptx_coef * ptx_loss
                     stats["ptx_loss"] = ptx_loss.item()
-                actor_steps = eng.actor.global_steps
-                self.guard.backward_step(eng.actor, loss)
-                if self.ema is not None and eng.actor.global_steps != actor_steps:
+                actor_steps = models.actor.global_steps
+                self.guard.backward_step(models.actor, loss)
+                if self.ema is not None and models.actor.global_steps != actor_steps:
                     self._update_ema()  # after every actor optimizer step, as DeepSpeed-Chat does
 
-                if eng.critic is not None:
+                if models.critic is not None:
                     stats |= self._critic_step(exp, idx, length, seq, mask, prompt, m)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -199,7 +191,7 @@ class PPOTrainer:
 
     def _critic_step(self, exp: Experience, idx, length: int, seq, mask, prompt: int, m) -> dict[str, float]:
         """One clipped value-loss update of the critic on a micro-batch (GAE's returns as targets)."""
-        critic = self.engine.critic
+        critic = self.models.critic
         m = m.to(critic.device)
         values = critic(seq.to(critic.device), mask.to(critic.device), per_token=True)[:, prompt - 1 : -1]
         old_values = exp.values[idx, :length].to(critic.device)
@@ -213,15 +205,12 @@ class PPOTrainer:
         index = ppo_math.ptx_block_indices(
             pass_index, self.rank, self.world, per_rank, row, count, len(self.ptx_blocks)
         )
-        ids = torch.tensor([self.ptx_blocks[i] for i in index], device=self.engine.actor.device)
-        return self.engine.actor(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        ids = torch.tensor([self.ptx_blocks[i] for i in index], device=self.models.actor.device)
+        return self.models.actor(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
 
     def _actor_state(self) -> dict[str, torch.Tensor]:
         """The actor's full weights with LoRA merged (gathered under ZeRO-3); on rank 0 only."""
-        state = dist.full_state_dict(self.engine.actor, self.engine.actor_zero)
-        if self.rank != 0:
-            return {}
-        return lora.merge_lora_state_dict(state, lora.lora_scalings(self.engine.actor.module))
+        return merged_weights(self.models.actor, self.models.actor_zero)
 
     def _update_ema(self) -> None:
         """ema = beta * ema + (1 - beta) * actor; under ZeRO-3 every rank joins the gather of the whole actor."""
@@ -229,10 +218,6 @@ class PPOTrainer:
         self.ema_updates += 1
         for name, value in self._actor_state().items():
             self.ema[name].mul_(beta).add_(value.float(), alpha=1.0 - beta)
-
-    def train(self) -> dict:
-        """Every remaining step through the stage loop; the summary figures."""
-        return loop.train(self)
 
     # 4. one iteration: experience, then learning; the loop (rlhf.stages.loop) runs the iterations, evaluations and
     # checkpoints (also between experience and learning, at a stop request). An iteration with a non-finite reward
@@ -308,8 +293,8 @@ class PPOTrainer:
     ) -> tuple[dict[str, float], int]:
         """The iteration's figures over all ranks (iteration_metrics) and the tokens it trained on; updates the KL
         controller with the iteration's KL."""
-        eng = self.engine
-        figures = IterationInputs(self.tokenizer.eos_token_id, self.kl_ctl.value, eng.actor.get_lr()[0], eng.critic)
+        actor, critic = self.models.actor, self.models.critic
+        figures = IterationInputs(self.tokenizer.eos_token_id, self.kl_ctl.value, actor.get_lr()[0], critic)
         metrics, train_tokens, n_rows = iteration_metrics(exp, self.cfg.stage, figures, stats, experience_s, update_s)
         self.kl_ctl.update(metrics["ppo/kl"], n_rows)
         return metrics | rollout_gold(exp), train_tokens
@@ -321,18 +306,18 @@ class PPOTrainer:
         (the KL of the whole next-token distributions, summed over each answer's tokens, in nats; 0 before the first
         update, when the actor is the reference). The per-prompt outcomes are kept under `when` in
         `<run>/ppo/gold.json`. Empty when the mix has no built-in prompts."""
-        cfg, eng = self.cfg, self.engine
+        cfg, models = self.cfg, self.models
         rows = gold.my_share(self.gold_rows)
         if not rows:
             return {}
-        eng.eval_mode()
+        models.eval_mode()
         if when == "start" and self.sft_record is not None:
             return self._evaluate_handed_over(rows)
-        with eng.generation_mode() as model:
+        with models.generation_mode() as model:
             answers = list(gold.answers(model, self.tokenizer, rows, cfg.eval.batch, cfg.eval.max_new_tokens))
         kl_sum, kl_rows, reward_sum, correct, texts = 0.0, 0, 0.0, [], []
         kl_share = 0 if self.step == 0 else cfg.eval.kl_prompts // self.world  # the actor is the reference at 0
-        if eng.reference is None:  # kl_coef 0: no reference model to measure the KL to
+        if models.reference is None:  # kl_coef 0: no reference model to measure the KL to
             kl_share = 0
         micro = cfg.hardware.micro_batch  # full-vocabulary logits for the KL: a micro-batch at a time
         for batch in answers:
@@ -340,26 +325,23 @@ class PPOTrainer:
             for start in range(0, limit, micro):
                 part = slice(start, min(start + micro, limit))
                 sequences, mask = batch.sequences[part], batch.attention_mask[part]
-                logits = response_logits(eng.actor, sequences, mask, batch.width)
-                ref_logits = response_logits(eng.reference, sequences, mask, batch.width)
+                logits = response_logits(models.actor, sequences, mask, batch.width)
+                ref_logits = response_logits(models.reference, sequences, mask, batch.width)
                 resp_mask = batch.response_mask[part].to(logits.device)
                 kl_sum += (ppo_math.full_kl(logits, ref_logits) * resp_mask).sum().item()
                 kl_rows += len(sequences)
-            prompts = [r["prompt"] for r in batch.rows]
-            reward, _ = eng.score(prompts, batch.texts, columns_of(batch.rows), batch.sequences, batch.attention_mask)
+            prompts, columns = [r["prompt"] for r in batch.rows], columns_of(batch.rows)
+            reward, _ = models.reward(prompts, batch.texts, columns, batch.sequences, batch.attention_mask)
             reward_sum += reward.sum().item()
             correct += gold.grade(batch.rows, batch.texts)
             texts += batch.texts
         kl_sum, kl_rows, reward_sum, n = dist.all_reduce_sum([kl_sum, kl_rows, reward_sum, len(rows)])
         metrics = {"eval/reward": reward_sum / n}
-        if eng.reference is not None:
+        if models.reference is not None:
             metrics["eval/kl"] = kl_sum / kl_rows if kl_rows else 0.0
         record = gold.gather(rows, correct, texts)
         if record is not None:  # rank 0
-            self.gold_records[when] = record
-            if self.run_dir is not None:
-                gold.save(self.run_dir / self.name, self.gold_records)
-            metrics |= gold.metrics(record)
+            metrics |= gold.keep(self.gold_records, when, record, self.out_dir)
             log.info(
                 "ppo eval (%s, step %d): gold %s, reward %.4f, KL to reference %.3f nats (%d prompts, greedy)",
                 when,
@@ -379,15 +361,12 @@ class PPOTrainer:
         for start in range(0, len(mine), self.cfg.eval.batch):
             part = slice(start, start + self.cfg.eval.batch)
             prompts, texts = zip(*mine[part], strict=True)
-            reward, _ = self.engine.score(list(prompts), list(texts), columns_of(rows[part]))
+            reward, _ = self.models.reward(list(prompts), list(texts), columns_of(rows[part]))
             reward_sum += reward.sum().item()
         reward_sum, n = dist.all_reduce_sum([reward_sum, len(rows)])
-        metrics = {"eval/reward": reward_sum / n} | ({"eval/kl": 0.0} if self.engine.reference is not None else {})
+        metrics = {"eval/reward": reward_sum / n} | ({"eval/kl": 0.0} if self.models.reference is not None else {})
         if self.rank == 0:
-            self.gold_records["start"] = self.sft_record
-            if self.run_dir is not None:
-                gold.save(self.run_dir / self.name, self.gold_records)
-            metrics |= gold.metrics(self.sft_record)
+            metrics |= gold.keep(self.gold_records, "start", self.sft_record, self.out_dir)
             log.info(
                 "ppo eval (start): the SFT stage's final gold evaluation (the same model), reward %.4f",
                 metrics["eval/reward"],
@@ -397,33 +376,26 @@ class PPOTrainer:
     # 5. save: the actor (LoRA merged) and, with EMA, the EMA actor beside it
     def save(self) -> Path:
         state = self._actor_state()
-        target = self.run_dir / self.name / "final"
+        target = self.out_dir / "final"
         if self.rank == 0:
-            config, dtype = self.engine.actor.module.config, self.cfg.model.dtype
-            models.save_hf(config, state, self.tokenizer, target, dtype)
+            config, dtype = self.models.actor.module.config, self.cfg.model.dtype
+            save_hf(config, state, self.tokenizer, target, dtype)
             if self.ema is not None:
-                models.save_hf(config, self.ema, self.tokenizer, target.with_name("final-ema"), dtype)
+                save_hf(config, self.ema, self.tokenizer, target.with_name("final-ema"), dtype)
             log.info("ppo: final actor saved to %s%s", target, " (EMA beside it)" if self.ema is not None else "")
         dist.barrier()
         return target
 
     # 6. checkpoints (rlhf.checkpoint): both trained engines, and the loop state, KL coefficient and EMA
     def engines(self) -> dict:
-        if self.engine.critic is None:
-            return {"actor": self.engine.actor}
-        return {"actor": self.engine.actor, "critic": self.engine.critic}
+        if self.models.critic is None:
+            return {"actor": self.models.actor}
+        return {"actor": self.models.actor, "critic": self.models.critic}
 
     def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "progress": self.progress.state_dict(),
-            "kl_coef": self.kl_ctl.value,
-            "ema": self.ema,
-            "guard": self.guard.state_dict(),
-        }
+        return super().state_dict() | {"kl_coef": self.kl_ctl.value, "ema": self.ema}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.kl_ctl.value = state["step"], state["kl_coef"]
         progress = state["progress"]
         if "gen_s" in progress:  # a checkpoint from before the stage loop: the phase times under their old names
             timers = {"experience_s": progress["gen_s"], "update_s": progress["train_s"]}
@@ -432,10 +404,10 @@ class PPOTrainer:
                 "history": progress["history"],
                 "evals": progress["evals"],
                 "train_seconds": progress["gen_s"] + progress["train_s"],
-                "samples": self.step * ppo_rollouts(self.cfg.stage),
+                "samples": state["step"] * ppo_rollouts(self.cfg.stage),
                 "timers": timers,
             }
-        self.progress = LoopProgress.from_state(progress)
-        self.guard.load_state_dict(state["guard"])
+        super().load_state_dict(state | {"progress": progress})
+        self.kl_ctl.value = state["kl_coef"]
         if self.ema is not None and self.rank == 0:
             self.ema = state["ema"]

@@ -14,7 +14,7 @@ from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left
 from rlhf.ppo import functional as ppo_math
 from rlhf.rewards import columns_of, finite_sums, reward_function_metrics
-from rlhf.stages.ppo_models import RLHFEngine, actor_logprobs
+from rlhf.stages.ppo_models import PPOModels, actor_logprobs
 
 
 class Experience(NamedTuple):
@@ -39,14 +39,14 @@ class Experience(NamedTuple):
 
 
 @torch.no_grad()
-def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok, kl_coef: float) -> Experience:
+def build_experience(models: PPOModels, batch: list[dict], stage: DictConfig, tok, kl_coef: float) -> Experience:
     """Rollouts for prompts ({prompt, input_ids}, each prompt's samples in consecutive rows), scored: actor and
     reference log-probs, critic values, the reward, per-token rewards and the advantages of `stage.advantage`."""
-    eng.eval_mode()
+    models.eval_mode()
     prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id, stage.prompt_width)
     width = prompts["input_ids"].shape[1]
     started = time.perf_counter()
-    rolled = eng.generate(prompts)
+    rolled = models.generate(prompts)
     sequences = rolled.sequences.cpu()
     generation_s = time.perf_counter() - started  # generation alone, without the experience forward passes
     resp_mask = rollout.response_mask(sequences[:, width:], tok.eos_token_id)
@@ -59,16 +59,16 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
     if rolled.logprobs is not None and stage.reuse_rollout_logprobs:
         logprobs = rolled.logprobs.cpu()  # the actor's at sampling time: a fresh forward equals them up to rounding
     else:
-        logprobs = actor_logprobs(eng.actor, sequences, mask, width, stage.temperature).cpu()
-    if eng.reference is not None:
-        ref_logprobs = actor_logprobs(eng.reference, sequences, mask, width, stage.temperature).cpu()
+        logprobs = actor_logprobs(models.actor, sequences, mask, width, stage.temperature).cpu()
+    if models.reference is not None:
+        ref_logprobs = actor_logprobs(models.reference, sequences, mask, width, stage.temperature).cpu()
     else:  # kl_coef 0: no reference model, and a KL of 0
         ref_logprobs = logprobs.clone()
     values = torch.zeros_like(logprobs)
-    if eng.critic is not None:
-        device = eng.critic.device
-        values = eng.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
-    reward, reward_parts = eng.score(prompt_texts, texts, columns_of(batch), sequences, mask)
+    if models.critic is not None:
+        device = models.critic.device
+        values = models.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
+    reward, reward_parts = models.reward(prompt_texts, texts, columns_of(batch), sequences, mask)
     reached_eos = (sequences[:, width:] == tok.eos_token_id).any(dim=1)
     scores = reward + stage.no_eos_penalty * (~reached_eos).float()
     scores = scores.clamp(-stage.score_clip, stage.score_clip)
@@ -77,7 +77,7 @@ def build_experience(eng: RLHFEngine, batch: list[dict], stage: DictConfig, tok,
     kl = ppo_math.kl_penalty(logprobs, ref_logprobs, stage.kl_estimator) * m
     advantages, returns, rewards = estimate_advantages(scores, kl, values * m, m, stage, kl_coef)
     gold_scores = [
-        builtin.score(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")
+        builtin.grade(p, t) if isinstance(p, str) and builtin.reference_answer(p) is not None else float("nan")
         for p, t in zip(prompt_texts, texts, strict=True)
     ]
     return Experience(

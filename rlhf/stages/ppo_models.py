@@ -22,16 +22,16 @@ log = logging.getLogger(__name__)
 RewardFn = Callable[[list, list[str]], list[float]]  # (prompts as written, responses) -> scores, from Python
 
 
-class RLHFEngine:
-    """The four models of PPO, each a DeepSpeed engine: the actor and critic train, the reference and reward model
-    only run forward. The reward is `stage.reward_funcs` (rlhf.rewards); `reward_fn`, a function of (prompts,
-    responses) from Python, replaces them."""
+class PPOModels:
+    """The four models of PPO, each a DeepSpeed engine (rlhf.engine): the actor and critic train, the reference and
+    reward model only run forward. The reward is `stage.reward_funcs` (rlhf.rewards); `reward_fn`, a function of
+    (prompts, responses) from Python, replaces them."""
 
     def __init__(self, cfg: DictConfig, total_steps: int | None = None, reward_fn: RewardFn | None = None) -> None:
         stage, root = cfg.stage, cache_dir(cfg)
         if total_steps is None:
             if stage.max_steps <= 0:
-                raise ValueError("RLHFEngine needs total_steps or stage.max_steps > 0 for its LR schedules")
+                raise ValueError("PPOModels needs total_steps or stage.max_steps > 0 for its LR schedules")
             total_steps = stage.max_steps
         if reward_fn is not None:
             self.reward_funcs = [rewards.RewardFunction("reward_fn", 1.0, lambda p, c, **_: reward_fn(p, c))]
@@ -72,12 +72,12 @@ class RLHFEngine:
         self.reference = engine.initialize_frozen(reference, cfg, self.actor_zero) if reference is not None else None
         self.generation_model = rollout.GenerationModel(self.actor.module, self.actor_zero)
 
-        self.reward, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
+        self.reward_model, self.reward_tokenizer, self.reward_stats = None, self.tokenizer, {"mean": 0.0, "std": 1.0}
         if uses_model:
             reward = models.load_reward_model(stage.reward_from, "stage.reward_from")
             if stage.disable_dropout:
                 models.disable_dropout(reward)
-            self.reward = engine.initialize_frozen(reward, cfg, hw_zero)
+            self.reward_model = engine.initialize_frozen(reward, cfg, hw_zero)
             self.reward_tokenizer = load_saved_tokenizer(stage.reward_from)
             self.reward_stats = models.reward_stats(stage.reward_from)
         self.critic = None  # the group estimators' baseline is the prompt's other samples: no critic
@@ -109,7 +109,7 @@ class RLHFEngine:
         if critic_source:
             critic_vocab = (
                 self.reward_tokenizer
-                if critic_source == stage.reward_from and self.reward is not None
+                if critic_source == stage.reward_from and self.reward_model is not None
                 else load_saved_tokenizer(critic_source)
             ).get_vocab()
             key = "stage.critic_from" if stage.critic_from else "stage.reward_from"
@@ -119,7 +119,7 @@ class RLHFEngine:
                     "critic reads the actor's token ids: set stage.critic_from to a model with the actor's tokenizer"
                 )
             critic = models.load_reward_model(critic_source, key)
-            if stage.normalize_reward and self.reward is not None:  # on the scale of the scores it learns to predict
+            if stage.normalize_reward and self.reward_model is not None:  # on the scale of the scores it predicts
                 critic_stats = self.reward_stats if critic_source == stage.reward_from else None
                 critic_stats = critic_stats or models.reward_stats(critic_source)
                 critic.normalize_output(critic_stats["mean"], critic_stats["std"])
@@ -184,7 +184,7 @@ class RLHFEngine:
             )
             return rollout.Rollout(sequences, None)
 
-    def score(
+    def reward(
         self,
         prompts: list,
         responses: list[str],
@@ -196,7 +196,7 @@ class RLHFEngine:
         normalised with its saved statistics under `stage.normalize_reward`), and each function's own values by its
         key (nan where it returned None). `columns`: the data rows' other fields, by name, for the functions."""
         parts = {
-            r.key: self._reward_model_score(prompts, responses, sequences, mask)
+            r.key: self._reward_model_scores(prompts, responses, sequences, mask)
             if r.fn is None
             else rewards.call(r, prompts, responses, columns or {})
             for r in self.reward_funcs
@@ -207,17 +207,18 @@ class RLHFEngine:
             weighted[rewards.MODEL] = (parts[rewards.MODEL] - mean) / std
         return rewards.combine(self.reward_funcs, weighted, prompts), parts
 
-    def _reward_model_score(
+    def _reward_model_scores(
         self, prompts: list, responses: list[str], sequences: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """The reward model's raw score: on these token ids (shared tokenizer), or on the texts tokenised with the
         reward model's tokenizer (without `sequences`)."""
         if sequences is not None and self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab():
-            return self.reward(sequences.to(self.reward.device), mask.to(self.reward.device)).float().cpu()
+            device = self.reward_model.device
+            return self.reward_model(sequences.to(device), mask.to(device)).float().cpu()
         fmt = PromptFormat.for_tokenizer(self.reward_tokenizer, self.cfg.data)
         batch = response_batch(self.reward_tokenizer, fmt, prompts, responses, self.cfg.data)
-        device = self.reward.device
-        return self.reward(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+        device = self.reward_model.device
+        return self.reward_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
 
 
 def load_saved_tokenizer(path: str):

@@ -154,7 +154,7 @@ def sample_onpolicy(cfg: DictConfig) -> dict[str, list[dict]]:
             for pair in onpolicy.build_pairs(
                 row,
                 answers[row["prompt"]],
-                [builtin.score(row["prompt"], a) for a in answers[row["prompt"]]],
+                [builtin.grade(row["prompt"], a) for a in answers[row["prompt"]]],
                 op.pairs_per_prompt,
                 rng,
             )

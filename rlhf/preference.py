@@ -1,0 +1,100 @@
+"""Pairwise preferences: the Bradley-Terry loss, and the held-out figures of scored chosen/rejected pairs.
+
+The reward stage evaluates its model with `pair_sums` (one rank's share of the pairs, summed over the ranks) and
+`pair_figures` (accuracy with its interval, per kind of pair, the loss, the mean scores, and the statistics of the
+policy's own answers' scores that PPO normalises with).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.stats import Interval, wilson_interval
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Mean of -log sigmoid(r_chosen - r_rejected - margin): the Bradley-Terry preference loss."""
+    return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+def policy_scores(pair: dict, chosen: float, rejected: float) -> list[float]:
+    """The scores of those answers of a pair that the policy wrote."""
+    return [
+        score for score, own in ((chosen, pair.get("policy_chosen")), (rejected, pair.get("policy_rejected"))) if own
+    ]
+
+
+def pair_sums(
+    pairs: list[dict],
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    kinds: Sequence[str],
+    margin: float,
+    all_are_own: bool,
+) -> list[float]:
+    """One rank's sums behind `pair_figures`, to be added over the ranks: pairs, right ones (a tie is wrong), loss,
+    chosen and rejected scores, the own scores' count, sum and sum of squares (the policy's answers, or every answer
+    with `all_are_own`), then pairs and right ones of each of `kinds` (a pair's `kind`)."""
+    right = (chosen > rejected).tolist()
+    own = chosen.tolist() + rejected.tolist()
+    if not all_are_own:
+        scores = zip(pairs, chosen.tolist(), rejected.tolist(), strict=True)
+        own = [s for p, c, r in scores for s in policy_scores(p, c, r)]
+    per_kind = []
+    for kind in kinds:
+        hits = [r for r, p in zip(right, pairs, strict=True) if p["kind"] == kind]
+        per_kind += [len(hits), sum(hits)]
+    loss = pairwise_loss(chosen, rejected, margin).item() * len(chosen) if len(chosen) else 0.0
+    return [
+        len(chosen),
+        sum(right),
+        loss,
+        chosen.sum().item(),
+        rejected.sum().item(),
+        len(own),
+        sum(own),
+        sum(x * x for x in own),
+        *per_kind,
+    ]
+
+
+def pair_figures(sums: Sequence[float], kinds: Sequence[str]) -> tuple[dict[str, float], dict[str, float]]:
+    """From `pair_sums` added over the ranks: the W&B metrics (accuracy with its 95% Wilson interval, per kind,
+    loss, mean chosen/rejected scores, gap) and the score statistics (mean and std of the own scores, counts)."""
+    n, correct, loss_sum, chosen_sum, rejected_sum, own_n, own_sum, own_sq, *per_kind = sums
+    mean = own_sum / max(own_n, 1)
+    score_stats = {
+        "mean": mean,
+        "std": max(own_sq / max(own_n, 1) - mean**2, 0.0) ** 0.5,
+        "pairs": int(n),
+        "answers": int(own_n),
+    }
+    accuracy = wilson_interval(int(correct), int(n))
+    metrics = {
+        "reward/acc": accuracy.value,
+        "reward/acc_ci_low": accuracy.low,
+        "reward/acc_ci_high": accuracy.high,
+        "reward/eval_pairs": n,
+        "reward/eval_loss": loss_sum / n,
+        "reward/chosen_mean": chosen_sum / n,
+        "reward/rejected_mean": rejected_sum / n,
+        "reward/gap": (chosen_sum - rejected_sum) / n,
+    }
+    for kind, count, hits in zip(kinds, per_kind[::2], per_kind[1::2], strict=True):
+        if count:
+            metrics[f"reward/acc_{kind}"] = hits / count
+    return metrics, score_stats
+
+
+def describe(metrics: dict[str, float], kinds: Sequence[str]) -> str:
+    """The evaluation in one line: accuracy with its interval, per kind, loss and mean scores."""
+    accuracy = Interval(metrics["reward/acc"], metrics["reward/acc_ci_low"], metrics["reward/acc_ci_high"])
+    by_kind = ", ".join(f"{k} {metrics[f'reward/acc_{k}']:.3f}" for k in kinds if f"reward/acc_{k}" in metrics)
+    return (
+        f"acc {accuracy.text()} on {int(metrics['reward/eval_pairs'])} pairs ({by_kind}), loss "
+        f"{metrics['reward/eval_loss']:.4f}, chosen {metrics['reward/chosen_mean']:.3f}, rejected "
+        f"{metrics['reward/rejected_mean']:.3f}"
+    )
