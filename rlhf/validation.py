@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -28,6 +29,8 @@ from rlhf.data import builtin, onpolicy
 from rlhf.data.formats import ADAPTERS
 from rlhf.data.sources import FORMAT_FIELDS
 from rlhf.ppo import functional as ppo_math
+
+Need = Callable[[bool, str], None]  # records the message when the rule does not hold
 
 
 def unknown_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
@@ -60,21 +63,9 @@ def unknown_keys(node: DictConfig | ListConfig, prefix: str = "") -> list[str]:
     return problems
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the rules that span fields; raise ConfigError listing every broken rule with its keys."""
-    unknown = unknown_keys(cfg)
-    if unknown:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(unknown))
-    if cfg.stage.name == "pipeline":
-        _validate_pipeline(cfg)
-        return
-    errors: list[str] = []
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            errors.append(message)
-
-    hw, opt, stage, data = cfg.hardware, cfg.optimizer, cfg.stage, cfg.data
+def hardware_rules(cfg: DictConfig, need: Need) -> None:
+    """The hardware group: ZeRO stage, world size, precision and offload."""
+    hw, opt = cfg.hardware, cfg.optimizer
     need(0 <= hw.zero_stage <= 3, f"hardware.zero_stage={hw.zero_stage} must be 0, 1, 2 or 3")
     need(hw.nodes >= 1, f"hardware.nodes={hw.nodes} must be >= 1")
     need(hw.procs_per_node >= 1, f"hardware.procs_per_node={hw.procs_per_node} must be >= 1")
@@ -95,6 +86,10 @@ def validate(cfg: DictConfig) -> None:
     )
     need(hw.nodes == 1 or bool(hw.hostfile), f"hardware.nodes={hw.nodes} needs hardware.hostfile")
 
+
+def model_rules(cfg: DictConfig, need: Need) -> None:
+    """The model and reward_model groups: source, length, the tiny architecture, LoRA."""
+    data = cfg.data
     for key in ("model", "reward_model"):
         m = cfg[key]
         need(
@@ -126,6 +121,10 @@ def validate(cfg: DictConfig) -> None:
             f"{key}.max_length={m.max_length}",
         )
 
+
+def optimizer_rules(cfg: DictConfig, need: Need) -> None:
+    """The optimizer group."""
+    opt = cfg.optimizer
     need(opt.lr > 0, f"optimizer.lr={opt.lr} must be > 0")
     need(opt.actor_lr > 0, f"optimizer.actor_lr={opt.actor_lr} must be > 0")
     need(opt.critic_lr > 0, f"optimizer.critic_lr={opt.critic_lr} must be > 0")
@@ -139,6 +138,10 @@ def validate(cfg: DictConfig) -> None:
     need(opt.warmup_steps >= 0, f"optimizer.warmup_steps={opt.warmup_steps} must be >= 0")
     need(0 <= opt.min_lr_ratio <= 1, f"optimizer.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1]")
 
+
+def stage_rules(cfg: DictConfig, need: Need) -> None:
+    """Every stage: lengths, cadences, checkpoints, the global batch; the reward stage's on-policy kinds."""
+    hw, stage = cfg.hardware, cfg.stage
     need(stage.name in STAGE_SCHEMAS, f"stage.name={stage.name} is not one of {sorted(STAGE_SCHEMAS)}")
     need(stage.epochs >= 1, f"stage.epochs={stage.epochs} must be >= 1")
     need(stage.max_steps == -1 or stage.max_steps >= 1, f"stage.max_steps={stage.max_steps} must be -1 or >= 1")
@@ -163,57 +166,6 @@ def validate(cfg: DictConfig) -> None:
             bool(stage.onpolicy.kinds) and not unknown,
             f"stage.onpolicy.kinds={list(stage.onpolicy.kinds)} must name some of {', '.join(onpolicy.KINDS)}",
         )
-    if stage.name == "ppo":
-        need(stage.kl_estimator in ("k1", "k3"), f"stage.kl_estimator={stage.kl_estimator} must be k1 or k3")
-        need(stage.max_new_tokens >= 1, f"stage.max_new_tokens={stage.max_new_tokens} must be >= 1")
-        need(stage.temperature > 0, f"stage.temperature={stage.temperature} must be > 0")
-        need(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p} must be in (0, 1]")
-        need(stage.rollout in ("engine", "generate"), f"stage.rollout={stage.rollout} must be engine or generate")
-        need(stage.prompt_width >= 0, f"stage.prompt_width={stage.prompt_width} must be >= 0 (0: the longest prompt)")
-        need(0 <= stage.ema_beta < 1, f"stage.ema_beta={stage.ema_beta} must be in [0, 1)")
-        need(stage.ppo_epochs >= 1, f"stage.ppo_epochs={stage.ppo_epochs} must be >= 1")
-        need(stage.samples_per_prompt >= 1, f"stage.samples_per_prompt={stage.samples_per_prompt} must be >= 1")
-        need(
-            stage.advantage in ppo_math.ESTIMATORS,
-            f"stage.advantage={stage.advantage} must be one of {', '.join(ppo_math.ESTIMATORS)}",
-        )
-        need(
-            stage.loss_aggregation in ("token-mean", "seq-mean"),
-            f"stage.loss_aggregation={stage.loss_aggregation} must be token-mean or seq-mean",
-        )
-        need(stage.clip_range > 0, f"stage.clip_range={stage.clip_range} must be > 0")
-        need(
-            stage.clip_range_high >= 0,
-            f"stage.clip_range_high={stage.clip_range_high} must be >= 0 (0: the same as clip_range)",
-        )
-        need(
-            stage.advantage not in ppo_math.GROUP_ESTIMATORS or stage.samples_per_prompt >= 2,
-            f"stage.advantage={stage.advantage} compares each response with the others to its prompt: it needs "
-            f"stage.samples_per_prompt >= 2 (it is {stage.samples_per_prompt})",
-        )
-        try:
-            rewards.load(list(stage.reward_funcs), list(stage.reward_weights))
-        except rewards.RewardFunctionError as err:
-            errors.append(str(err))
-        per_update = max(world_size(cfg) * hw.micro_batch * stage.mini_batches, 1)
-        need(
-            stage.mini_batches >= 1 and ppo_rollouts(stage) % per_update == 0,
-            f"stage.global_batch x stage.samples_per_prompt = {ppo_rollouts(stage)} rollouts must split into "
-            f"stage.mini_batches={stage.mini_batches} optimizer steps of whole micro-batches on every rank "
-            f"(a multiple of {per_update})",
-        )
-        need(
-            stage.ptx_coef == 0 or bool(data.ptx.path or data.ptx.name),
-            f"stage.ptx_coef={stage.ptx_coef} needs a PTX source (data.ptx.path=...)",
-        )
-        for key in ("actor_zero_stage", "critic_zero_stage"):
-            need(-1 <= stage[key] <= 3, f"stage.{key}={stage[key]} must be -1 (hardware.zero_stage) or 0-3")
-        need(
-            max(data.max_prompt_len, stage.prompt_width) + stage.max_new_tokens <= cfg.model.max_length,
-            f"data.max_prompt_len (or stage.prompt_width) + stage.max_new_tokens = "
-            f"{max(data.max_prompt_len, stage.prompt_width) + stage.max_new_tokens} exceeds "
-            f"model.max_length={cfg.model.max_length}",
-        )
     per_step = max(world_size(cfg) * hw.micro_batch, 1)  # a zero micro-batch has its own message above
     need(
         stage.global_batch >= per_step and stage.global_batch % per_step == 0,
@@ -221,6 +173,67 @@ def validate(cfg: DictConfig) -> None:
         f"= {world_size(cfg)} x {hw.micro_batch} = {per_step}",
     )
 
+
+def ppo_rules(cfg: DictConfig, need: Need) -> None:
+    """The PPO stage: sampling, estimator, reward functions, mini-batches, lengths."""
+    hw, stage, data = cfg.hardware, cfg.stage, cfg.data
+    if stage.name != "ppo":
+        return
+    need(stage.kl_estimator in ("k1", "k3"), f"stage.kl_estimator={stage.kl_estimator} must be k1 or k3")
+    need(stage.max_new_tokens >= 1, f"stage.max_new_tokens={stage.max_new_tokens} must be >= 1")
+    need(stage.temperature > 0, f"stage.temperature={stage.temperature} must be > 0")
+    need(0 < stage.top_p <= 1, f"stage.top_p={stage.top_p} must be in (0, 1]")
+    need(stage.rollout in ("engine", "generate"), f"stage.rollout={stage.rollout} must be engine or generate")
+    need(stage.prompt_width >= 0, f"stage.prompt_width={stage.prompt_width} must be >= 0 (0: the longest prompt)")
+    need(0 <= stage.ema_beta < 1, f"stage.ema_beta={stage.ema_beta} must be in [0, 1)")
+    need(stage.ppo_epochs >= 1, f"stage.ppo_epochs={stage.ppo_epochs} must be >= 1")
+    need(stage.samples_per_prompt >= 1, f"stage.samples_per_prompt={stage.samples_per_prompt} must be >= 1")
+    need(
+        stage.advantage in ppo_math.ESTIMATORS,
+        f"stage.advantage={stage.advantage} must be one of {', '.join(ppo_math.ESTIMATORS)}",
+    )
+    need(
+        stage.loss_aggregation in ("token-mean", "seq-mean"),
+        f"stage.loss_aggregation={stage.loss_aggregation} must be token-mean or seq-mean",
+    )
+    need(stage.clip_range > 0, f"stage.clip_range={stage.clip_range} must be > 0")
+    need(
+        stage.clip_range_high >= 0,
+        f"stage.clip_range_high={stage.clip_range_high} must be >= 0 (0: the same as clip_range)",
+    )
+    need(
+        stage.advantage not in ppo_math.GROUP_ESTIMATORS or stage.samples_per_prompt >= 2,
+        f"stage.advantage={stage.advantage} compares each response with the others to its prompt: it needs "
+        f"stage.samples_per_prompt >= 2 (it is {stage.samples_per_prompt})",
+    )
+    try:
+        rewards.load(list(stage.reward_funcs), list(stage.reward_weights))
+    except rewards.RewardFunctionError as err:
+        need(False, str(err))
+    per_update = max(world_size(cfg) * hw.micro_batch * stage.mini_batches, 1)
+    need(
+        stage.mini_batches >= 1 and ppo_rollouts(stage) % per_update == 0,
+        f"stage.global_batch x stage.samples_per_prompt = {ppo_rollouts(stage)} rollouts must split into "
+        f"stage.mini_batches={stage.mini_batches} optimizer steps of whole micro-batches on every rank "
+        f"(a multiple of {per_update})",
+    )
+    need(
+        stage.ptx_coef == 0 or bool(data.ptx.path or data.ptx.name),
+        f"stage.ptx_coef={stage.ptx_coef} needs a PTX source (data.ptx.path=...)",
+    )
+    for key in ("actor_zero_stage", "critic_zero_stage"):
+        need(-1 <= stage[key] <= 3, f"stage.{key}={stage[key]} must be -1 (hardware.zero_stage) or 0-3")
+    need(
+        max(data.max_prompt_len, stage.prompt_width) + stage.max_new_tokens <= cfg.model.max_length,
+        f"data.max_prompt_len (or stage.prompt_width) + stage.max_new_tokens = "
+        f"{max(data.max_prompt_len, stage.prompt_width) + stage.max_new_tokens} exceeds "
+        f"model.max_length={cfg.model.max_length}",
+    )
+
+
+def data_rules(cfg: DictConfig, need: Need) -> None:
+    """The data group: split, sources and their formats, lengths, template."""
+    data = cfg.data
     need(
         len(data.split) == 3 and all(s >= 0 for s in data.split) and sum(data.split) > 0,
         f"data.split={list(data.split)} must be three non-negative shares (SFT, reward, PPO) with a positive sum",
@@ -269,6 +282,24 @@ def validate(cfg: DictConfig) -> None:
         data.template in ("auto", "chat", "plain"),
         f"data.template={data.template} must be auto, chat or plain",
     )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the rules that span fields; raise ConfigError listing every broken rule with its keys."""
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(unknown))
+    if cfg.stage.name == "pipeline":
+        _validate_pipeline(cfg)
+        return
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    for rules in (hardware_rules, model_rules, optimizer_rules, stage_rules, ppo_rules, data_rules):
+        rules(cfg, need)
 
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
