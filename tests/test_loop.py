@@ -112,3 +112,44 @@ def test_a_ppo_checkpoint_from_before_the_loop_resumes_with_its_times(dist_proce
     figures = trainer.figures()
     assert figures["gen_time_frac"] == 0.5 and figures["experience_time_frac"] == 0.75 and figures["kl_first"] == 0.5
     assert not math.isnan(figures["s_per_step"])
+
+
+class CountdownRecipe(loop.Recipe):
+    """The same stage on `loop.Recipe`: what it keeps, its loss figures and its checkpoint state come from there."""
+
+    name = "countdown"
+
+    def setup(self) -> None:
+        self.total_steps = self.steps_per_epoch = 4
+
+    def run_step(self) -> StepOutcome:
+        self.step += 1
+        loss = 1.0 / self.step
+        self.guard.backward_step(FakeEngine(), torch.tensor(loss))
+        return StepOutcome({}, {"countdown/loss": loss}, (), 10, 2, loss)
+
+    def evaluate(self, when: str) -> dict[str, float]:
+        return {}
+
+    def figures(self) -> dict:
+        return self.loss_figures()
+
+    def save(self) -> Path:
+        return self.out_dir
+
+
+def test_a_recipe_resumes_from_its_state_and_reports_its_loss_figures(tmp_path: Path) -> None:
+    cfg = OmegaConf.create(
+        {"stage": {"log_interval": 1, "eval_interval": 10}, "checkpoint": {"max_skipped_in_a_row": 2}}
+    )
+    first = CountdownRecipe(cfg, tmp_path, RecordingTracker())
+    first.setup()
+    first.total_steps = 2  # stopped half way
+    first.train()
+    resumed = CountdownRecipe(cfg, tmp_path, RecordingTracker())
+    resumed.setup()
+    resumed.load_state_dict(first.state_dict())
+    figures = resumed.train()
+    assert resumed.save() == tmp_path / "countdown" and [s for s, _ in resumed.tracker.logged] == [3, 4]
+    assert figures["steps"] == 4 and figures["first_loss"] == 1.0 and figures["last_loss"] == 0.25
+    assert figures["samples"] == 8 and figures["skipped_steps"] == 0
