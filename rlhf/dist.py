@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import resource
 import socket
 from contextlib import nullcontext
 
@@ -61,6 +63,31 @@ def all_gather_objects(value: object) -> list:
 def barrier() -> None:
     if is_initialized():
         torch_dist.barrier()
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak for `peak_memory`: the process's peak resident memory (Linux) and CUDA's allocated peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
+    except OSError:
+        pass  # no /proc (not Linux): ru_maxrss, the peak since the process started, is reported instead
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak resident memory since `reset_peak_memory` (`peak_rss_gb`) and, on CUDA, the device's
+    peak allocated memory (`peak_device_gb`), in GB."""
+    try:
+        with open("/proc/self/status") as status:
+            kib = int(re.search(r"VmHWM:\s+(\d+)", status.read()).group(1))
+    except (OSError, AttributeError):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peaks = {"peak_rss_gb": kib * 1024 / 1e9}
+    if torch.cuda.is_available():
+        peaks["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return peaks
 
 
 def free_port() -> int:

@@ -29,6 +29,8 @@ COLUMNS = [
     "samples_per_s",
     "tokens_per_s",
     "est_cost_usd",
+    "peak_rss_gb",
+    "peak_device_gb",
     "eval_loss",
     "eval_tokens",
     "eval_acc",

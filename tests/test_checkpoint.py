@@ -167,3 +167,12 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_last_checkpoint_intact(
     folder = checkpoint.stage_folder(tmp_path, "sft")
     assert checkpoint.latest(folder).name == "step-0000004"  # steps 5 and 6 were skipped, not checkpointed
     assert json.loads((folder / "step-0000004" / "checkpoint.json").read_text())["step"] == 4
+
+
+def test_peak_memory_is_measured_from_its_reset() -> None:
+    dist.reset_peak_memory()
+    block = bytearray(400_000_000)  # 0.4 GB touched
+    with_block = dist.peak_memory()["peak_rss_gb"]
+    del block
+    dist.reset_peak_memory()
+    assert dist.peak_memory()["peak_rss_gb"] < with_block - 0.3

@@ -54,6 +54,7 @@ def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
     run_dir = single_run_dir(tmp_path)
     summary = read_summary(run_dir, "sft")
     assert summary["steps"] == 30
+    assert 0.1 < summary["peak_rss_gb"] < 20  # this stage's peak resident memory
     assert summary["eval_loss"] < summary["eval_loss_start"] - 0.5, summary
     assert summary["last_loss_mean"] < summary["first_loss_mean"] - 0.5, summary
     assert "sft step 30/30" in result.stderr + result.stdout  # the step log with rates and ETA

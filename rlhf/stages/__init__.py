@@ -42,6 +42,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     SIGTERM and SIGINT stop it with a checkpoint (raising checkpoint.Preempted)."""
     name = cfg.stage.name
     started = time.perf_counter()
+    dist.reset_peak_memory()  # a stage's own peak, not an earlier stage's of the same process
     folder = checkpoint.stage_folder(run_dir, name)
     latest = checkpoint.latest(folder) if cfg.resume else None
     manifest = checkpoint.read_manifest(latest) if latest else {}
@@ -71,6 +72,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             **figures,
             "resumed_from_step": manifest.get("step"),
             "est_cost_usd": wall_s / 3600 * devices * cfg.hardware.cost_per_device_hour,
+            **dist.peak_memory(),  # rank 0's; a resumed stage's since its resume
             "output": str(output),
         }
         tracker.summary({f"{name}/{k}": v for k, v in summary.items()} | {"time/stage_s": wall_s})
@@ -103,6 +105,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "gen_time_frac",
             "experience_time_frac",
             "est_cost_usd",
+            "peak_rss_gb",
+            "peak_device_gb",
         ]
         log.info("\n%s\nfinal model: %s", markdown_table([{k: summary[k] for k in shown if k in summary}]), output)
     return summary
