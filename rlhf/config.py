@@ -213,8 +213,8 @@ class PPOStageConfig:
     max_new_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 1.0
-    rollout: str = "engine"  # the rollout engine (rlhf/rollout.py), or generate: transformers.generate
-    reuse_rollout_logprobs: bool = True  # the engine's log-probs of the sampled tokens serve as PPO's old ones
+    rollout: str = "engine"  # the sampler of rlhf/rollout.py, or generate: transformers.generate
+    reuse_rollout_logprobs: bool = True  # the sampler's log-probs of the sampled tokens serve as PPO's old ones
     stop_at_eos: bool = True  # false: every response has max_new_tokens tokens (fixed-length benchmarks)
     prompt_width: int = 0  # left-pad each batch's prompts to at least this many tokens (0: its longest prompt)
     # reward shaping

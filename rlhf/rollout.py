@@ -1,4 +1,4 @@
-"""The rollout engine: batched sampling for PPO, faster than `transformers.generate` (`stage.rollout=engine`).
+"""PPO's sampler: batched sampling, faster than `transformers.generate` (`stage.rollout=engine`).
 
 Llama-family models run on `decoder.LlamaDecoder` (fused, prepacked weights; finished rows leave the batch); other
 models run their own forward over a `transformers` static cache. Both handle left-padded prompts through position

@@ -1,5 +1,5 @@
 """PPO's four models, each a DeepSpeed engine: the actor and critic that train, the frozen reference and reward
-model, with sampling (the rollout engine) and scoring, and the log-prob passes PPO's experience and update use."""
+model, with sampling and the reward, and the log-prob passes PPO's experience and update use."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ class PPOModels:
     @torch.no_grad()
     def generate(self, prompts: dict[str, torch.Tensor], greedy: bool = False) -> rollout.Rollout:
         """Prompt + response ids; responses stop at EOS (padded after it) or at max_new_tokens. `stage.rollout`
-        picks the rollout engine (`engine`, the default, which also gives the sampled tokens' log-probs) or
+        picks the sampler of rlhf.rollout (`engine`, the default, which also gives the sampled tokens' log-probs) or
         `transformers.generate` (`generate`, no log-probs)."""
         stage = self.cfg.stage
         input_ids = prompts["input_ids"].to(self.actor.device)
