@@ -160,9 +160,7 @@ class OnPolicyConfig:
     train_prompts: int = 512  # reward-share training prompts the policy answers (0: all)
     eval_prompts: int = 200  # held-out reward-share prompts it answers for the evaluation pairs (0: all)
     pairs_per_prompt: int = 4  # at most, from one prompt's answers
-    kinds: list[str] = field(
-        default_factory=lambda: ["policy", "reference", "static"]
-    )  # pairs kept, train and held-out
+    kinds: list[str] = field(default_factory=lambda: ["policy", "reference", "static"])  # pairs kept
     static_fraction: float = 0.0  # share of the training pairs taken from the static pairs (1: static only, the
     # held-out pairs still the policy's, so reward models trained either way are compared on the pairs PPO will rank)
     temperature: float = 1.0
@@ -188,6 +186,7 @@ class RewardStageConfig:
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     margin: float = 0.0  # the loss is -logsigmoid(r_chosen - r_rejected - margin)
     disable_dropout: bool = True  # dropout off in the reward model, as DeepSpeed-Chat and TRL train it
+    zero_stage: int = -1  # -1: hardware.zero_stage (DeepSpeed-Chat trains its reward model at ZeRO 0)
     optimizer: StageOptimizerConfig = field(default_factory=StageOptimizerConfig)
 
 
@@ -266,6 +265,7 @@ class DataSourceConfig:
     columns: dict[str, str] = field(default_factory=dict)  # format field -> the file's column name
     weight: float = 1.0
     split: Optional[list[float]] = None  # noqa: UP045 (OmegaConf 2.3 needs typing.Optional) — this source's own SFT/reward/PPO shares instead of data.split
+    stages: list[str] = field(default_factory=list)  # the stages that use it, its shares kept (empty: all)
 
 
 @dataclass

@@ -240,9 +240,14 @@ class DataShape:
 
 
 def data_shape(cfg: DictConfig, name: str) -> DataShape | None:
-    """The shape of a stage's data when the mix can be read here (built-in and local sources), else None."""
-    from rlhf.data import stage_rows
+    """The shape of a stage's data when the mix can be read here (built-in and local sources), else None: a dry
+    run downloads nothing."""
+    from rlhf.data import stage_rows, usable_in
 
+    hub = [s.name for s in cfg.data.sources if usable_in(s, name) and not s.path and s.name != "builtin"]
+    if hub:
+        log.warning("dry run: the %s rows come from the hub (%s); set stage.max_steps for estimates", name, hub[0])
+        return None
     try:
         rows = stage_rows(cfg.data, name).train
     except Exception as err:  # noqa: BLE001 — e.g. a hub source without network: steps stay unknown
@@ -293,7 +298,9 @@ def stage_work(cfg: DictConfig, name: str, archs: dict[str, Arch], shape: DataSh
 
 def base_setup(cfg: DictConfig, name: str) -> Setup:
     hw, stage = cfg.hardware, cfg.stage
-    zero = {"model": hw.zero_stage} if name == "sft" else {"reward_model": hw.zero_stage}
+    zero = {"model": hw.zero_stage}
+    if name == "reward":
+        zero = {"reward_model": hw.zero_stage if stage.zero_stage < 0 else stage.zero_stage}
     if name == "ppo":
         zero = {
             "model": hw.zero_stage if stage.actor_zero_stage < 0 else stage.actor_zero_stage,
@@ -316,7 +323,8 @@ def advice(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setup, lim
     if world_size(cfg) > 1:  # ZeRO partitions over devices: one device gains nothing from a higher stage
         for role in setup.zero:
             if setup.zero[role] < 3:
-                key = {"model": "actor_zero_stage", "critic": "critic_zero_stage"}.get(role) if name == "ppo" else None
+                key = {"model": "actor_zero_stage", "critic": "critic_zero_stage", "reward_model": "zero_stage"}
+                key = key.get(role) if name in ("ppo", "reward") else None
                 override = f"{stage_prefix}{key}=3" if key else "hardware.zero_stage=3"
                 changes.append((override, lambda s, r=role: s.zero.__setitem__(r, 3)))
     offload = "optimizer=adamw-offload" + (" hardware.zero_stage=2" if cfg.hardware.zero_stage == 0 else "")

@@ -161,6 +161,8 @@ def stage_rules(cfg: DictConfig, need: Need) -> None:
         f"resume={cfg.resume} must be auto or an existing run directory",
     )
     if stage.name == "reward":
+        zero = stage.zero_stage
+        need(-1 <= zero <= 3, f"stage.zero_stage={zero} must be -1 (hardware.zero_stage) or 0-3")
         unknown = [kind for kind in stage.onpolicy.kinds if kind not in onpolicy.KINDS]
         need(
             bool(stage.onpolicy.kinds) and not unknown,
@@ -268,6 +270,11 @@ def data_rules(cfg: DictConfig, need: Need) -> None:
                 f"data.sources[{i}].columns.{key}: not a field of format {source.format} (its fields: "
                 f"{', '.join(fields)})" + (f"; did you mean {close[0]}?" if close else ""),
             )
+        unknown_stages = [name for name in source.stages if name not in PIPELINE_ORDER]
+        need(
+            not unknown_stages,
+            f"data.sources[{i}].stages={list(source.stages)} must name some of {', '.join(PIPELINE_ORDER)}",
+        )
         split = source.split
         need(
             split is None or (len(split) == 3 and all(x >= 0 for x in split) and sum(split) > 0),

@@ -50,7 +50,7 @@ def test_model_hardware_specialisation_applies() -> None:
     cfg = compose(["experiment=opt-1.3b-1gpu"])
     assert cfg.model.name == "opt-1.3b" and cfg.hardware.name == "1xA100-80G"
     assert cfg.hardware.micro_batch == 16  # from conf/model_hardware/opt-1.3b_1xA100-80G.yaml
-    assert grad_accum_steps(stage_config(cfg, "sft")) == 2
+    assert grad_accum_steps(stage_config(cfg, "sft")) == 8  # DeepSpeed-Chat's 16 x 8 accumulation
     assert cfg.model.lora.dim == 128
 
 
@@ -150,6 +150,8 @@ def test_each_pipeline_stage_gets_its_own_optimizer_settings(tmp_path: Path, dis
             "stage.reward.optimizer.lr=3e-5",
             "stage.ppo.optimizer.schedule=constant",
             "stage.ppo.optimizer.actor_lr=2e-6",
+            "hardware.zero_stage=1",
+            "stage.reward.zero_stage=0",  # DeepSpeed-Chat trains its reward model at ZeRO 0 beside a ZeRO-3 actor
         ]
     )
     sft, reward, ppo = (stage_config(cfg, name) for name in ("sft", "reward", "ppo"))
@@ -160,6 +162,7 @@ def test_each_pipeline_stage_gets_its_own_optimizer_settings(tmp_path: Path, dis
     trainer = RewardTrainer(reward, tmp_path, Tracker.off(reward, "reward"))  # not in the cwd
     trainer.setup()
     assert trainer.engine.get_lr()[0] == pytest.approx(3e-5 / 2)  # the reward stage's LR, in its warmup (2 steps)
+    assert trainer.engine.zero_optimization_stage() == 0 and sft.hardware.zero_stage == 1
 
 
 def test_a_single_stage_applies_its_own_optimizer_settings() -> None:

@@ -153,7 +153,10 @@ def test_the_learn_preset_runs_sft_then_ppo_without_a_reward_model(tmp_path: Pat
 
 @pytest.mark.parametrize("preset", ["opt-1.3b-1gpu", "opt-13b-8gpu", "opt-66b-64gpu"])
 def test_seed_presets_plan_without_loading(preset: str, tmp_path: Path) -> None:
-    cfg = compose([f"experiment={preset}"])
+    steps = [f"stage.{name}.max_steps=10" for name in ("sft", "reward", "ppo")]  # the hub's row counts are not read
+    unknown, _ = plan(compose([f"experiment={preset}"]))
+    assert {row["steps"] for row in unknown} == {"?"} and {row["fits"] for row in unknown} == {"yes"}
+    cfg = compose([f"experiment={preset}", *steps])
     rows, advice = plan(cfg)
     assert [r["stage"] for r in rows] == ["sft", "reward", "ppo"] and advice == {}
     world = {"opt-1.3b-1gpu": 1, "opt-13b-8gpu": 8, "opt-66b-64gpu": 64}[preset]

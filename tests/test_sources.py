@@ -362,3 +362,14 @@ def test_rlhf_data_previews_an_sft_only_source_and_answers_help_and_typos_in_one
     typo = subprocess.run([*command, "model=tiny", "data.max_prompt=5"], capture_output=True, text=True, timeout=120)
     assert typo.returncode == 2 and "data.max_prompt is not an option of DataConfig (did you mean" in typo.stderr
     assert "Traceback" not in typo.stderr
+
+
+def test_a_source_named_for_some_stages_feeds_only_those_with_its_shares_kept() -> None:
+    every = compose(["experiment=tiny", "data.builtin_size=400"]).data
+    limited = "data.sources=[{name: builtin, stages: [sft, reward]}]"
+    some = compose(["experiment=tiny", "data.builtin_size=400", limited])
+    assert len(stage_rows(some.data, "sft").train) == len(stage_rows(every, "sft").train)  # 2 of 2 + 4 + 4, as before
+    with pytest.raises(DataError, match="leaves no training rows for stage ppo"):
+        stage_rows(some.data, "ppo")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].stages=\['rl'\] must name some of sft, reward, ppo"):
+        compose(["experiment=tiny", "data.sources=[{name: builtin, stages: [rl]}]"])

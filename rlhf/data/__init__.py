@@ -80,7 +80,10 @@ def ptx_texts(data_cfg: DictConfig) -> list[str]:
 
 
 def usable_in(source: DictConfig, stage: str) -> bool:
-    """Rows without a rejected answer serve SFT and PPO prompts, never the reward model."""
+    """Whether `stage` draws from `source`: a stage its `stages` name (all when empty); rows without a rejected
+    answer serve SFT and PPO prompts, never the reward model."""
+    if source.stages and stage not in source.stages:
+        return False
     return not (source.format == "sft" and stage == "reward")
 
 

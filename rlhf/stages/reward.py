@@ -55,7 +55,8 @@ class RewardTrainer(Recipe):
         self.steps_per_epoch, self.total_steps = plan_steps(len(self.train_pairs), cfg.stage, "reward training pairs")
         if len(self.eval_pairs) < self.world:
             raise DataError(f"{len(self.eval_pairs)} held-out pairs: the reward model needs some to evaluate")
-        self.engine = engine.initialize(model, cfg, self.total_steps)
+        self.zero_stage = cfg.hardware.zero_stage if cfg.stage.zero_stage < 0 else cfg.stage.zero_stage
+        self.engine = engine.initialize(model, cfg, self.total_steps, zero_stage=self.zero_stage)
         train, held_out = len(self.train_pairs), len(self.eval_pairs)
         log.info(describe_plan("reward", "pairs", train, held_out, model, lora_modules, cfg))
         log.info("reward: %d optimizer steps", self.total_steps)
@@ -131,7 +132,7 @@ class RewardTrainer(Recipe):
 
     def save(self) -> Path:
         """Backbone and head as a sequence-classification folder with the score statistics, LoRA merged."""
-        state = merged_weights(self.engine, self.cfg.hardware.zero_stage)
+        state = merged_weights(self.engine, self.zero_stage)
         target = self.out_dir / "final"
         if self.rank == 0:
             models.save_reward_model(
