@@ -71,21 +71,21 @@ def reset_peak_memory() -> None:
         with open("/proc/self/clear_refs", "w") as clear:
             clear.write("5")
     except OSError:
-        pass  # no /proc (not Linux): ru_maxrss, the peak since the process started, is reported instead
-    if torch.cuda.is_available():
+        pass  # the peak then runs from the process's start
+    if torch.cuda.is_initialized():  # a CPU run on a GPU host must not start a CUDA context
         torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory() -> dict[str, float]:
-    """This process's peak resident memory since `reset_peak_memory` (`peak_rss_gb`) and, on CUDA, the device's
-    peak allocated memory (`peak_device_gb`), in GB."""
+    """This process's peak resident memory since `reset_peak_memory` (`peak_rss_gb`; since the process started where
+    the peak cannot be reset) and, on CUDA, the device's peak allocated memory (`peak_device_gb`), in GB."""
     try:
         with open("/proc/self/status") as status:
             kib = int(re.search(r"VmHWM:\s+(\d+)", status.read()).group(1))
     except (OSError, AttributeError):
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peaks = {"peak_rss_gb": kib * 1024 / 1e9}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         peaks["peak_device_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return peaks
 

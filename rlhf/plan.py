@@ -245,8 +245,9 @@ def data_shape(cfg: DictConfig, name: str) -> DataShape | None:
     from rlhf.data import stage_rows, usable_in
 
     hub = [s.name for s in cfg.data.sources if usable_in(s, name) and not s.path and s.name != "builtin"]
-    if hub:
-        log.warning("dry run: the %s rows come from the hub (%s); set stage.max_steps for estimates", name, hub[0])
+    if hub:  # lengths at their maxima; steps only from stage.max_steps
+        if cfg.stage.max_steps <= 0:
+            log.warning("dry run: the %s rows come from the hub (%s); set stage.max_steps for estimates", name, hub[0])
         return None
     try:
         rows = stage_rows(cfg.data, name).train
@@ -319,15 +320,21 @@ def base_setup(cfg: DictConfig, name: str) -> Setup:
 def advice(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setup, limit: float) -> list[str]:
     """Changes that would make a stage fit, each with the memory it leads to; cumulative until one fits."""
     stage_prefix = "stage." if cfg.stage.name == name else f"stage.{name}."
+    keys = {"model": "actor_zero_stage", "critic": "critic_zero_stage", "reward_model": "zero_stage"}
+
+    def zero_override(role: str, value: int) -> str:
+        """The override that sets `role`'s ZeRO stage: the stage's own key where it has one."""
+        key = keys.get(role) if name in ("ppo", "reward") else None
+        return f"{stage_prefix}{key}={value}" if key else f"hardware.zero_stage={value}"
+
     changes = []
     if world_size(cfg) > 1:  # ZeRO partitions over devices: one device gains nothing from a higher stage
         for role in setup.zero:
             if setup.zero[role] < 3:
-                key = {"model": "actor_zero_stage", "critic": "critic_zero_stage", "reward_model": "zero_stage"}
-                key = key.get(role) if name in ("ppo", "reward") else None
-                override = f"{stage_prefix}{key}=3" if key else "hardware.zero_stage=3"
-                changes.append((override, lambda s, r=role: s.zero.__setitem__(r, 3)))
-    offload = "optimizer=adamw-offload" + (" hardware.zero_stage=2" if cfg.hardware.zero_stage == 0 else "")
+                changes.append((zero_override(role, 3), lambda s, r=role: s.zero.__setitem__(r, 3)))
+    at_zero = [f"{stage_prefix}{key}=2" for key in keys.values() if cfg.stage.get(key, -1) == 0]  # set to 0 here
+    at_zero += ["hardware.zero_stage=2"] if cfg.hardware.zero_stage == 0 else []
+    offload = " ".join(["optimizer=adamw-offload", *at_zero])  # CPU Adam needs ZeRO >= 1
     changes.append((f"{offload} (optimizer states in CPU memory)", lambda s: setattr(s, "offload_optimizer", True)))
     for key in ("model", "reward_model"):
         if key not in ({"sft": ["model"], "reward": ["reward_model"]}.get(name, ["model", "reward_model"])):
@@ -349,7 +356,8 @@ def advice(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setup, lim
         for role in s.zero:
             s.zero[role] = 3
 
-    changes.append(("hardware.zero_stage=3 hardware.offload_params=true (parameters in CPU memory)", offload_params))
+    to_three = " ".join(["hardware.zero_stage=3", *(f"{stage_prefix}{k}=3" for k in keys.values() if k in cfg.stage)])
+    changes.append((f"{to_three} hardware.offload_params=true (parameters in CPU memory)", offload_params))
     micro = setup.micro_batch
     while micro > 1:
         micro //= 2

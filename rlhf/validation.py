@@ -163,6 +163,10 @@ def stage_rules(cfg: DictConfig, need: Need) -> None:
     if stage.name == "reward":
         zero = stage.zero_stage
         need(-1 <= zero <= 3, f"stage.zero_stage={zero} must be -1 (hardware.zero_stage) or 0-3")
+        need(
+            not cfg.optimizer.offload or zero != 0,
+            "optimizer.offload=true needs ZeRO >= 1: the reward stage's stage.zero_stage=0 turns it off",
+        )
         unknown = [kind for kind in stage.onpolicy.kinds if kind not in onpolicy.KINDS]
         need(
             bool(stage.onpolicy.kinds) and not unknown,

@@ -132,7 +132,7 @@ class CountdownRecipe(loop.Recipe):
         return {}
 
     def figures(self) -> dict:
-        return self.loss_figures()
+        return self.history_figures()
 
     def save(self) -> Path:
         return self.out_dir

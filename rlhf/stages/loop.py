@@ -168,7 +168,7 @@ class Recipe:
         micro = self.cfg.hardware.micro_batch
         return [[rows[i] for i in mine[m : m + micro]] for m in range(0, len(mine), micro)]
 
-    def loss_figures(self) -> dict:
+    def history_figures(self) -> dict:
         """The summary figures of a stage whose history is its losses: steps, throughput, first and last loss,
         the evaluations' figures and the skipped steps."""
         progress = self.progress

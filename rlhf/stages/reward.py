@@ -108,7 +108,7 @@ class RewardTrainer(Recipe):
         evals = self.progress.evals
         gap = evals.get("chosen_mean", 0.0) - evals.get("rejected_mean", 0.0)
         stats = {"gap": gap, "score_mean": self.score_stats["mean"], "score_std": self.score_stats["std"]}
-        return self.loss_figures() | stats | self.params
+        return self.history_figures() | stats | self.params
 
     @torch.no_grad()
     def evaluate_pairs(self) -> dict[str, float]:
@@ -123,8 +123,8 @@ class RewardTrainer(Recipe):
         scored = [self.scores(pair_batch(mine[s : s + micro], pad)) for s in range(0, len(mine), micro)]
         self.engine.train()
         chosen, rejected = (torch.cat([s[side].float().cpu() for s in scored]) for side in (0, 1))
-        none_own = not any(p.get("policy_chosen") or p.get("policy_rejected") for p in self.eval_pairs)
-        sums = preference.pair_sums(mine, chosen, rejected, PAIR_KINDS, self.cfg.stage.margin, none_own)
+        all_are_own = not any(p.get("policy_chosen") or p.get("policy_rejected") for p in self.eval_pairs)
+        sums = preference.pair_sums(mine, chosen, rejected, PAIR_KINDS, self.cfg.stage.margin, all_are_own)
         metrics, self.score_stats = preference.pair_figures(dist.all_reduce_sum(sums), PAIR_KINDS)
         if self.rank == 0:
             log.info("reward eval at step %d: %s", self.step, preference.describe(metrics, PAIR_KINDS))

@@ -84,7 +84,7 @@ class SFTTrainer(Recipe):
 
     def figures(self) -> dict:
         eval_loss = self.progress.evals.get("eval_loss", math.nan)
-        figures = self.loss_figures() | {"eval_ppl": math.exp(min(eval_loss, 50.0))}
+        figures = self.history_figures() | {"eval_ppl": math.exp(min(eval_loss, 50.0))}
         return figures | gold.delta_figures(self.gold_records) | self.params
 
     @torch.no_grad()
