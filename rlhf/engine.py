@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from omegaconf import DictConfig
 
-from rlhf.config import DType, Schedule, grad_accum_steps, world_size
+from rlhf.config import DType, Schedule, grad_accum_steps, ppo_rollouts, world_size
 from rlhf.optim import MasterWeightAdamW
 
 
@@ -65,6 +65,25 @@ def deepspeed_config(cfg: DictConfig, zero_stage: int | None = None, accumulatio
         "gradient_clipping": cfg.stage.grad_clip,
     }
     return config
+
+
+def ppo_accumulation(cfg: DictConfig) -> int:
+    """Micro-batches per PPO optimizer step on each rank: the iteration's rollouts split into `mini_batches`."""
+    per_rank = ppo_rollouts(cfg.stage) // world_size(cfg)
+    return per_rank // (cfg.stage.mini_batches * cfg.hardware.micro_batch)
+
+
+def stage_configs(cfg: DictConfig, name: str) -> dict[str, dict]:
+    """The DeepSpeed configs of a stage's trained engines by role, as the stage will build them."""
+    stage = cfg.stage
+    if name == "sft":
+        return {"model": deepspeed_config(cfg)}
+    if name == "reward":
+        return {"reward_model": deepspeed_config(cfg, stage.zero_stage)}
+    configs = {"actor": deepspeed_config(cfg, stage.actor_zero_stage, ppo_accumulation(cfg))}
+    if stage.advantage == "gae":
+        configs["critic"] = deepspeed_config(cfg, stage.critic_zero_stage, ppo_accumulation(cfg))
+    return configs
 
 
 def param_groups(model: torch.nn.Module, opt_cfg: DictConfig, lr: float | None = None) -> list[dict]:

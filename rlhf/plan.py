@@ -24,6 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rlhf.config import DType, Source, cache_dir, ppo_rollouts, save_resolved, stage_config, world_size
+from rlhf.engine import stage_configs
 from rlhf.progress import format_seconds, markdown_table
 
 log = logging.getLogger("rlhf")
@@ -446,6 +447,9 @@ def dry_run(cfg: DictConfig, run_dir: Path | None = None) -> int:
     report = "\n".join(text)
     print(report)
     if run_dir is not None:
+        for name in [row["stage"] for row in rows]:  # what DeepSpeed will be given, for a DeepSpeed user to read
+            sub = stage_config(cfg, name) if cfg.stage.name == "pipeline" else cfg
+            (run_dir / f"ds_config.{name}.json").write_text(json.dumps(stage_configs(sub, name), indent=2))
         (run_dir / "plan.md").write_text(report + "\n")
         (run_dir / "plan.json").write_text(json.dumps({"stages": rows, "advice": advised}, indent=2, default=str))
         save_resolved(cfg, run_dir)

@@ -166,6 +166,13 @@ def test_seed_presets_plan_without_loading(preset: str, tmp_path: Path) -> None:
         assert row["total_gb"] >= row["weights_gb"] + row["optim_gb"]
     assert dry_run(cfg, tmp_path) == 0
     assert "| ppo |" in (tmp_path / "plan.md").read_text()
+    ds = {name: json.loads((tmp_path / f"ds_config.{name}.json").read_text()) for name in ("sft", "reward", "ppo")}
+    sft = ds["sft"]["model"]
+    assert sft["train_batch_size"] == cfg.stage.sft.global_batch and sft["fp16"]["enabled"]
+    assert ds["reward"]["reward_model"]["zero_optimization"]["stage"] == 0  # DeepSpeed-Chat's step 2
+    actor, critic = ds["ppo"]["actor"], ds["ppo"]["critic"]
+    assert actor["zero_optimization"]["stage"] == critic["zero_optimization"]["stage"] == (0 if world == 1 else 3)
+    assert actor["train_batch_size"] == cfg.stage.ppo.global_batch  # one optimizer step per iteration
 
 
 def test_dry_run_of_a_model_too_large_gives_the_changes_that_fit(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer
 
 from rlhf import dist, engine, models, rewards, rollout
-from rlhf.config import cache_dir, ppo_rollouts, world_size
+from rlhf.config import cache_dir
 from rlhf.data.tokenize import PromptFormat, response_batch
 from rlhf.ppo import functional as ppo_math
 
@@ -52,9 +52,8 @@ class PPOModels:
         self.actor_zero = hw_zero if stage.actor_zero_stage < 0 else stage.actor_zero_stage
         critic_zero = hw_zero if stage.critic_zero_stage < 0 else stage.critic_zero_stage
         started = time.perf_counter()
-        per_rank = ppo_rollouts(stage) // world_size(cfg)
         optimizer_steps = total_steps * stage.ppo_epochs * stage.mini_batches
-        accumulation = per_rank // (stage.mini_batches * cfg.hardware.micro_batch)  # micro-batches per update
+        accumulation = engine.ppo_accumulation(cfg)
 
         actor = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, stage.init_from, root)
         if stage.disable_dropout:
