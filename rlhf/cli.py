@@ -58,7 +58,7 @@ def hydra_main(cfg: DictConfig) -> None:
         from rlhf.plan import dry_run
 
         code = dry_run(cfg, run_dir)
-        if code != 0:
+        if code == 2 or (code == 1 and hydra_cfg.mode != RunMode.MULTIRUN):  # a sweep plans its other jobs too
             sys.exit(code)
         return
 

@@ -116,7 +116,8 @@ class HardwareConfig:
     device_memory_gb: float = 24.0
     cost_per_device_hour: float = 0.0
     peak_tflops: float = 0.09  # one device's matmul peak at `precision` (dry-run time estimates)
-    expected_mfu: float = 0.35  # the share of that peak a stage is expected to reach
+    expected_mfu: float = 0.35  # the share of that peak training and forward passes are expected to reach
+    generation_mfu: float = 0.35  # the share PPO's sampling reaches (decoding is memory-bound: lower on GPUs)
     threads_per_proc: int = 0  # 0: the machine's cores shared evenly between local processes
 
 
@@ -161,8 +162,7 @@ class OnPolicyConfig:
     eval_prompts: int = 200  # held-out reward-share prompts it answers for the evaluation pairs (0: all)
     pairs_per_prompt: int = 4  # at most, from one prompt's answers
     kinds: list[str] = field(default_factory=lambda: ["policy", "reference", "static"])  # pairs kept
-    static_fraction: float = 0.0  # share of the training pairs taken from the static pairs (1: static only, the
-    # held-out pairs still the policy's, so reward models trained either way are compared on the pairs PPO will rank)
+    static_fraction: float = 0.0  # training pairs' share from the static pairs (1: static only; held-out: the policy's)
     temperature: float = 1.0
     max_new_tokens: int = 64
     batch: int = 16  # prompts answered together

@@ -10,7 +10,7 @@ keeps an fp32 master copy; DeepSpeed's own estimators are shown beside ours for 
   activations micro-batch x sequence x layers x (34 h + 5 heads x sequence) bytes in 16 bits (x2 in fp32), about
               2 h bytes per token and layer with gradient checkpointing; plus the fp32 logits of the micro-batch
 Time is FLOPs (6 P per trained token, 2 P per forward token, 8 P with checkpointing) over
-hardware.peak_tflops x hardware.expected_mfu per device.
+hardware.peak_tflops x hardware.expected_mfu per device; PPO's sampling (2 P per token) at hardware.generation_mfu.
 """
 
 from __future__ import annotations
@@ -285,12 +285,12 @@ def stage_work(cfg: DictConfig, name: str, archs: dict[str, Arch], shape: DataSh
         samples = steps * ppo_rollouts(stage)
         actor, critic = archs["model"].params(), archs["reward_model"].params()
         ckpt = 8 if cfg.model.gradient_checkpointing else 6
-        flops = samples * (
-            2 * actor * seq  # generation (prefill and decoding)
-            + 2 * (2 * actor + 2 * critic) * seq  # actor, reference, critic and reward forwards
+        generation = samples * 2 * actor * seq  # prefill and decoding
+        flops = generation + samples * (
+            2 * (2 * actor + 2 * critic) * seq  # actor, reference, critic and reward forwards
             + stage.ppo_epochs * ckpt * (actor + critic) * seq
         )
-        return {"steps": steps, "tokens": int(samples * seq), "flops": flops}
+        return {"steps": steps, "tokens": int(samples * seq), "flops": flops, "generation_flops": generation}
     key = "model" if name == "sft" else "reward_model"
     seq = prompt + answer
     sequences = steps * stage.global_batch * (2 if name == "reward" else 1)
@@ -392,9 +392,11 @@ def plan(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]]]:
         work = stage_work(sub, name, archs, data_shape(sub, name))
         devices = world_size(sub)
         hw = sub.hardware
-        seconds = None
+        seconds = generation_s = None
         if work["flops"] is not None:
-            seconds = work["flops"] / (devices * hw.peak_tflops * 1e12 * hw.expected_mfu)
+            peak = devices * hw.peak_tflops * 1e12
+            generation_s = work.get("generation_flops", 0.0) / (peak * hw.generation_mfu)
+            seconds = generation_s + (work["flops"] - work.get("generation_flops", 0.0)) / (peak * hw.expected_mfu)
         fits = memory["total"] / GB <= limit
         zero = ", ".join(f"{role} {z}" for role, z in setup.zero.items())
         rows.append(
@@ -414,6 +416,8 @@ def plan(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]]]:
                 "steps": work["steps"] if work["steps"] is not None else "?",
                 "tokens": work["tokens"] if work["tokens"] is not None else "?",
                 "est_time": format_seconds(seconds) if seconds is not None else "?",
+                "est_s": seconds if seconds is not None else "?",
+                "est_gen_frac": generation_s / seconds if seconds else "?",
                 "est_cost_usd": seconds / 3600 * devices * hw.cost_per_device_hour if seconds is not None else "?",
             }
         )
@@ -434,7 +438,8 @@ def dry_run(cfg: DictConfig, run_dir: Path | None = None) -> int:
     text = [
         f"dry run: {cfg.stage.name} of {cfg.model.name} (reward/critic {cfg.reward_model.name}) on {hw.name}: "
         f"{hw.nodes} node(s) x {hw.procs_per_node} {hw.accelerator.value} device(s) of {hw.device_memory_gb:g} GB, "
-        f"{hw.precision.value}, {hw.peak_tflops:g} TFLOP/s peak x {hw.expected_mfu:g} expected MFU, "
+        f"{hw.precision.value}, {hw.peak_tflops:g} TFLOP/s peak x {hw.expected_mfu:g} expected MFU "
+        f"({hw.generation_mfu:g} in PPO's sampling), "
         f"${hw.cost_per_device_hour:g} per device-hour (memory in GB per device; nothing was loaded)",
         markdown_table(rows),
     ]

@@ -4,6 +4,9 @@ with their 95% intervals), with the settings that differ between the runs.
 
     rlhf-report outputs/multirun/<date>/<time>-scaling-cpu            a sweep (every job under it)
     rlhf-report outputs/<run-a> outputs/<run-b> --out reports/ab      any runs, side by side
+
+Dry runs under the folders (plan.json) are set beside DeepSpeed-Chat's published step-3 hours and dollars for the same
+model and hardware (plans.md; `rlhf -m +sweep=dschat-tables` plans every cell of its tables).
 """
 
 from __future__ import annotations
@@ -48,6 +51,65 @@ COLUMNS = [
     "settings",
     "run",
 ]
+
+
+# DeepSpeed-Chat's published step-3 figures (its README's tables; OPT-350M reward model, 135M tokens, 256 + 256):
+# (model, hardware) -> (hours, dollars; None where it gives none)
+DSCHAT_STEP3 = {
+    ("opt-6.7b", "8xA100-80G"): (4.1, 132),
+    ("opt-13b", "8xA100-80G"): (9.0, 290),
+    ("opt-30b", "8xA100-80G"): (18.0, 580),
+    ("opt-66b", "8xA100-80G"): (2.1 * 24, 1620),
+    ("opt-6.7b", "8xA100-40G"): (5.7, None),
+    ("opt-13b", "8xA100-40G"): (10.8, None),
+    ("opt-30b", "8xA100-40G"): (1.85 * 24, None),
+    ("opt-13b", "64xA100-80G"): (1.25, 320),
+    ("opt-30b", "64xA100-80G"): (4.0, 1024),
+    ("opt-66b", "64xA100-80G"): (7.5, 1920),
+    ("opt-175b", "64xA100-80G"): (20.0, 5120),
+}
+
+
+def plan_rows(paths: list[Path]) -> list[dict[str, object]]:
+    """The PPO plans of the dry runs under `paths` beside DeepSpeed-Chat's published time and cost for the same model
+    and hardware, with the ratio and, where they differ by more than 2x, the term that dominates our estimate."""
+    from omegaconf import OmegaConf
+
+    from rlhf.config import RESOLVED_CONFIG_NAME
+
+    rows: list[dict[str, object]] = []
+    for plan_path in sorted(p for path in paths for p in path.rglob("plan.json")):
+        cfg = OmegaConf.load(plan_path.parent / RESOLVED_CONFIG_NAME)
+        for stage in json.loads(plan_path.read_text())["stages"]:
+            if stage["stage"] != "ppo" or not isinstance(stage["est_s"], int | float):
+                continue
+            hours, dollars = DSCHAT_STEP3.get((cfg.model.name, cfg.hardware.name), (None, None))
+            ours = stage["est_s"] / 3600
+            ratio = ours / hours if hours else None
+            generation = stage["est_gen_frac"]
+            hw, note = cfg.hardware, ""
+            if ratio is not None and not 0.5 <= ratio <= 2:
+                note = (
+                    f"sampling, {generation:.0%} of ours (hardware.generation_mfu={hw.generation_mfu:g})"
+                    if generation > 0.5
+                    else f"training and forwards, {1 - generation:.0%} (hardware.expected_mfu={hw.expected_mfu:g})"
+                )
+            rows.append(
+                {
+                    "model": cfg.model.name,
+                    "hardware": cfg.hardware.name,
+                    "fits": stage["fits"],
+                    "tokens": stage["tokens"],
+                    "plan_hours": ours,
+                    "plan_usd": stage["est_cost_usd"],
+                    "dschat_hours": hours if hours is not None else "",
+                    "dschat_usd": dollars if dollars is not None else "",
+                    "plan_over_dschat": ratio if ratio is not None else "",
+                    "sampling_share": generation,
+                    "dominant_term": note,
+                }
+            )
+    return rows
 
 
 def find_summaries(paths: list[Path]) -> list[Path]:
@@ -198,10 +260,23 @@ def plot_learning(rows: list[dict], out: Path) -> list[Path]:
 def write_report(paths: list[Path], out: Path) -> list[dict]:
     """Read the runs under `paths` and write report.md, report.csv and the plots to `out`; return the rows."""
     rows = sorted((row_of(p) for p in find_summaries(paths)), key=sort_key)
-    if not rows:
-        raise FileNotFoundError(f"no stage summaries (<run>/<stage>/summary.json) under {', '.join(map(str, paths))}")
-    varying_settings(rows)
+    plans = plan_rows(paths)
+    if not rows and not plans:
+        raise FileNotFoundError(
+            f"no stage summaries (<run>/<stage>/summary.json) nor plans (plan.json) under {', '.join(map(str, paths))}"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    if plans:
+        assumptions = (
+            "Plans: FLOPs over peak x MFU per device (hardware.expected_mfu for training and forwards, "
+            "hardware.generation_mfu for PPO's sampling), at hardware.cost_per_device_hour."
+        )
+        table = markdown_table(plans)
+        (out / "plans.md").write_text(f"# Plans beside DeepSpeed-Chat's step 3\n\n{table}\n\n{assumptions}\n")
+        if not rows:
+            (out / "report.md").write_text((out / "plans.md").read_text())
+            return plans
+    varying_settings(rows)
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -231,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-report: {err}", file=sys.stderr)
         return 2
     print((out / "report.md").read_text().split("\n\n![")[0])
-    print(f"\n{len(rows)} stage runs; written: {out / 'report.md'}, {out / 'report.csv'}, plots in {out}")
+    written = [str(p) for p in (out / "report.md", out / "report.csv", out / "plans.md") if p.is_file()]
+    print(f"\n{len(rows)} rows; written: {', '.join(written)} (plots beside them)")
     return 0
 
 

@@ -72,6 +72,7 @@ def hardware_rules(cfg: DictConfig, need: Need) -> None:
     need(hw.micro_batch >= 1, f"hardware.micro_batch={hw.micro_batch} must be >= 1")
     need(hw.peak_tflops > 0, f"hardware.peak_tflops={hw.peak_tflops} must be > 0")
     need(0 < hw.expected_mfu <= 1, f"hardware.expected_mfu={hw.expected_mfu} must be in (0, 1]")
+    need(0 < hw.generation_mfu <= 1, f"hardware.generation_mfu={hw.generation_mfu} must be in (0, 1]")
     need(
         not (hw.accelerator == Accelerator.cpu and hw.precision == Precision.fp16),
         "hardware.precision=fp16 is not supported with hardware.accelerator=cpu; use bf16 or fp32",

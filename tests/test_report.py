@@ -59,3 +59,19 @@ def test_report_plots_start_at_zero_count_whole_processes_and_show_ideal_scaling
     assert sorted(tuple(line.get_ydata()) for line in ideal) == [(300.0, 600.0), (1000.0, 2000.0)]
     by_size = next(f for f in figures if "Cost against model size" in f._suptitle.get_text())
     assert "sft, 2 processes" in [t.get_text() for t in by_size.axes[0].get_legend().get_texts()]
+
+
+def test_the_dschat_tables_sweep_plans_every_published_cell_beside_its_figure(tmp_path: Path) -> None:
+    from tests.conftest import run_cli
+
+    result = run_cli(["-m", "+sweep=dschat-tables", f"hydra.sweep.dir={tmp_path}/sweep", "logger=none"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = report.write_report([tmp_path / "sweep"], tmp_path / "out")
+    assert len(rows) == 15  # 5 models x 3 hardware options, each planned
+    published = [r for r in rows if r["dschat_hours"] != ""]
+    assert {(r["model"], r["hardware"]) for r in published} == set(report.DSCHAT_STEP3)
+    for row in published:
+        assert row["tokens"] == 1030 * 256 * 512  # the published workload: 135M tokens of 256 + 256
+        assert row["plan_over_dschat"] == row["plan_hours"] / row["dschat_hours"] > 0
+        assert (row["dominant_term"] != "") == (not 0.5 <= row["plan_over_dschat"] <= 2)
+    assert "Plans beside DeepSpeed-Chat" in (tmp_path / "out" / "report.md").read_text()
