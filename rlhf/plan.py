@@ -321,18 +321,14 @@ def base_setup(cfg: DictConfig, name: str) -> Setup:
 def advice(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setup, limit: float) -> list[str]:
     """Changes that would make a stage fit, each with the memory it leads to; cumulative until one fits."""
     stage_prefix = "stage." if cfg.stage.name == name else f"stage.{name}."
-    keys = {"model": "actor_zero_stage", "critic": "critic_zero_stage", "reward_model": "zero_stage"}
-
-    def zero_override(role: str, value: int) -> str:
-        """The override that sets `role`'s ZeRO stage: the stage's own key where it has one."""
-        key = keys.get(role) if name in ("ppo", "reward") else None
-        return f"{stage_prefix}{key}={value}" if key else f"hardware.zero_stage={value}"
-
+    keys = {"model": "actor_zero_stage", "critic": "critic_zero_stage", "reward_model": "zero_stage"}  # a stage's own
     changes = []
     if world_size(cfg) > 1:  # ZeRO partitions over devices: one device gains nothing from a higher stage
         for role in setup.zero:
             if setup.zero[role] < 3:
-                changes.append((zero_override(role, 3), lambda s, r=role: s.zero.__setitem__(r, 3)))
+                key = keys.get(role) if name in ("ppo", "reward") else None
+                override = f"{stage_prefix}{key}=3" if key else "hardware.zero_stage=3"
+                changes.append((override, lambda s, r=role: s.zero.__setitem__(r, 3)))
     at_zero = [f"{stage_prefix}{key}=2" for key in keys.values() if cfg.stage.get(key, -1) == 0]  # set to 0 here
     at_zero += ["hardware.zero_stage=2"] if cfg.hardware.zero_stage == 0 else []
     offload = " ".join(["optimizer=adamw-offload", *at_zero])  # CPU Adam needs ZeRO >= 1
@@ -341,16 +337,11 @@ def advice(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setup, lim
         if key not in ({"sft": ["model"], "reward": ["reward_model"]}.get(name, ["model", "reward_model"])):
             continue
         if not setup.lora[key]:
-            changes.append(
-                (
-                    f"{key}.lora.dim=128 {key}.lora.target_modules=[layers.] {key}.lora.only_optimize_lora=true",
-                    lambda s, k=key: s.lora.__setitem__(k, True),
-                )
-            )
+            lora = f"{key}.lora.dim=128 {key}.lora.target_modules=[layers.] {key}.lora.only_optimize_lora=true"
+            changes.append((lora, lambda s, k=key: s.lora.__setitem__(k, True)))
         if not setup.checkpointing[key]:
-            changes.append(
-                (f"{key}.gradient_checkpointing=true", lambda s, k=key: s.checkpointing.__setitem__(k, True))
-            )
+            checkpointing = f"{key}.gradient_checkpointing=true"
+            changes.append((checkpointing, lambda s, k=key: s.checkpointing.__setitem__(k, True)))
 
     def offload_params(s: Setup) -> None:
         s.offload_params = True
@@ -390,20 +381,18 @@ def plan(cfg: DictConfig) -> tuple[list[dict], dict[str, list[str]]]:
         setup = base_setup(sub, name)
         memory = stage_memory(sub, name, archs, setup)
         work = stage_work(sub, name, archs, data_shape(sub, name))
-        devices = world_size(sub)
-        hw = sub.hardware
+        devices, hw = world_size(sub), sub.hardware
         seconds = generation_s = None
         if work["flops"] is not None:
             peak = devices * hw.peak_tflops * 1e12
             generation_s = work.get("generation_flops", 0.0) / (peak * hw.generation_mfu)
             seconds = generation_s + (work["flops"] - work.get("generation_flops", 0.0)) / (peak * hw.expected_mfu)
         fits = memory["total"] / GB <= limit
-        zero = ", ".join(f"{role} {z}" for role, z in setup.zero.items())
         rows.append(
             {
                 "stage": name,
                 "world_size": devices,
-                "zero": zero,
+                "zero": ", ".join(f"{role} {z}" for role, z in setup.zero.items()),
                 "params_m": round(archs["model" if name != "reward" else "reward_model"].params() / 1e6, 1),
                 "weights_gb": memory["weights"] / GB,
                 "grads_gb": memory["grads"] / GB,

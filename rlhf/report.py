@@ -97,6 +97,7 @@ def plan_rows(paths: list[Path]) -> list[dict[str, object]]:
             rows.append(
                 {
                     "model": cfg.model.name,
+                    "params_b": round(stage["params_m"] / 1000, 1),
                     "hardware": cfg.hardware.name,
                     "fits": stage["fits"],
                     "tokens": stage["tokens"],
@@ -109,7 +110,7 @@ def plan_rows(paths: list[Path]) -> list[dict[str, object]]:
                     "dominant_term": note,
                 }
             )
-    return rows
+    return sorted(rows, key=lambda r: (str(r["hardware"]), r["params_b"]))
 
 
 def find_summaries(paths: list[Path]) -> list[Path]:
