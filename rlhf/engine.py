@@ -40,10 +40,15 @@ def quiet_initialize(**kwargs):
         raise
 
 
+def zero_stage_of(cfg: DictConfig, own: int | None) -> int:
+    """A model's ZeRO stage: its own setting where one is given (>= 0), else hardware.zero_stage."""
+    return cfg.hardware.zero_stage if own is None or own < 0 else own
+
+
 def deepspeed_config(cfg: DictConfig, zero_stage: int | None = None, accumulation: int | None = None) -> dict:
     """The DeepSpeed config of a training engine (ZeRO stage and gradient accumulation default to the run's)."""
     hw = cfg.hardware
-    zero_stage = hw.zero_stage if zero_stage is None or zero_stage < 0 else zero_stage
+    zero_stage = zero_stage_of(cfg, zero_stage)
     accumulation = grad_accum_steps(cfg) if accumulation is None else accumulation
     zero: dict = {"stage": zero_stage}
     if zero_stage == 3:

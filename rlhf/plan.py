@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from rlhf.config import DType, Source, cache_dir, ppo_rollouts, save_resolved, stage_config, world_size
-from rlhf.engine import stage_configs
+from rlhf.engine import stage_configs, zero_stage_of
 from rlhf.progress import format_seconds, markdown_table
 
 log = logging.getLogger("rlhf")
@@ -302,11 +302,11 @@ def base_setup(cfg: DictConfig, name: str) -> Setup:
     hw, stage = cfg.hardware, cfg.stage
     zero = {"model": hw.zero_stage}
     if name == "reward":
-        zero = {"reward_model": hw.zero_stage if stage.zero_stage < 0 else stage.zero_stage}
+        zero = {"reward_model": zero_stage_of(cfg, stage.zero_stage)}
     if name == "ppo":
         zero = {
-            "model": hw.zero_stage if stage.actor_zero_stage < 0 else stage.actor_zero_stage,
-            "critic": hw.zero_stage if stage.critic_zero_stage < 0 else stage.critic_zero_stage,
+            "model": zero_stage_of(cfg, stage.actor_zero_stage),
+            "critic": zero_stage_of(cfg, stage.critic_zero_stage),
         }
     return Setup(
         zero=zero,

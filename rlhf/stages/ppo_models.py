@@ -48,9 +48,8 @@ class PPOModels:
             dist.configure_process(cfg, 1)
             dist.init(dist.backend(cfg))
         self.tokenizer = models.load_tokenizer(cfg.model, root)
-        hw_zero = cfg.hardware.zero_stage
-        self.actor_zero = hw_zero if stage.actor_zero_stage < 0 else stage.actor_zero_stage
-        critic_zero = hw_zero if stage.critic_zero_stage < 0 else stage.critic_zero_stage
+        self.actor_zero = engine.zero_stage_of(cfg, stage.actor_zero_stage)
+        critic_zero = engine.zero_stage_of(cfg, stage.critic_zero_stage)
         started = time.perf_counter()
         optimizer_steps = total_steps * stage.ppo_epochs * stage.mini_batches
         accumulation = engine.ppo_accumulation(cfg)
@@ -76,7 +75,7 @@ class PPOModels:
             reward = models.load_reward_model(stage.reward_from, "stage.reward_from")
             if stage.disable_dropout:
                 models.disable_dropout(reward)
-            self.reward_model = engine.initialize_frozen(reward, cfg, hw_zero)
+            self.reward_model = engine.initialize_frozen(reward, cfg, cfg.hardware.zero_stage)
             self.reward_tokenizer = load_saved_tokenizer(stage.reward_from)
             self.reward_stats = models.reward_stats(stage.reward_from)
         self.critic = None  # the group estimators' baseline is the prompt's other samples: no critic

@@ -55,7 +55,7 @@ class RewardTrainer(Recipe):
         self.steps_per_epoch, self.total_steps = plan_steps(len(self.train_pairs), cfg.stage, "reward training pairs")
         if len(self.eval_pairs) < self.world:
             raise DataError(f"{len(self.eval_pairs)} held-out pairs: the reward model needs some to evaluate")
-        self.zero_stage = cfg.hardware.zero_stage if cfg.stage.zero_stage < 0 else cfg.stage.zero_stage
+        self.zero_stage = engine.zero_stage_of(cfg, cfg.stage.zero_stage)
         self.engine = engine.initialize(model, cfg, self.total_steps, zero_stage=self.zero_stage)
         train, held_out = len(self.train_pairs), len(self.eval_pairs)
         log.info(describe_plan("reward", "pairs", train, held_out, model, lora_modules, cfg))
