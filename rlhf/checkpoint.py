@@ -33,7 +33,15 @@ log = logging.getLogger(__name__)
 MANIFEST = "checkpoint.json"
 TRAINER_STATE = "trainer_state.pt"
 PREFIX = "step-"
-IGNORED_ON_RESUME = ("resume", "dry_run", "logger", "run_name", "cache_dir", "checkpoint.keep_last")
+IGNORED_ON_RESUME = (
+    "resume",
+    "dry_run",
+    "logger",
+    "run_name",
+    "cache_dir",
+    "checkpoint.keep_last",
+    *(f"hardware.{key}" for key in ("hostfile", "node_rank", "master_addr", "master_port")),  # where, not what
+)
 
 
 class CheckpointError(RuntimeError):

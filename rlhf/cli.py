@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlhf.compose import composition_problem, prepare, recorded_overrides
-from rlhf.config import CONF_DIR, ConfigError, register_configs
+from rlhf.config import CONF_DIR, ConfigError, Launcher, register_configs
 from rlhf.validation import validate
 
 log = logging.getLogger("rlhf")
@@ -49,6 +49,9 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
     hydra_cfg = HydraConfig.get()
+    if "Slurm" in hydra_cfg.launcher.get("_target_", "") and cfg.hardware.launcher != Launcher.slurm:
+        log.error("hydra/launcher=slurm starts one task per device, each one rank: add hardware.launcher=slurm")
+        sys.exit(2)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if hydra_cfg.mode == RunMode.MULTIRUN and not cfg.logger.group:
         from rlhf.tracking import run_group

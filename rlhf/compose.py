@@ -90,12 +90,17 @@ def composition_problem(overrides: list[str]) -> str | None:
 
 
 def recorded_overrides(run_dir: Path) -> list[str]:
-    """The overrides a run started with (Hydra's record in the run directory), without `resume`: `rlhf
-    resume=<dir>` alone continues the run with them."""
-    record = run_dir / ".hydra" / "overrides.yaml"
-    if not record.is_file():
-        return []
-    return [str(o) for o in OmegaConf.load(record) if not str(o).startswith("resume=")]
+    """The overrides a run started with, without `resume`: `rlhf resume=<dir>` alone continues the run with them.
+    Inside the `rlhf` of that run, its own (each node's `rlhf` of a multi-node run has its own; they share Hydra's
+    record in the run directory, which the last one wrote); else Hydra's record."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized() and Path(HydraConfig.get().runtime.output_dir) == run_dir:
+        overrides = list(HydraConfig.get().overrides.task)
+    else:
+        record = run_dir / ".hydra" / "overrides.yaml"
+        overrides = list(OmegaConf.load(record)) if record.is_file() else []
+    return [str(o) for o in overrides if not str(o).startswith("resume=")]
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

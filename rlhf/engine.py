@@ -11,8 +11,10 @@ from functools import partial
 import torch
 from omegaconf import DictConfig
 
-from rlhf.config import DType, Schedule, grad_accum_steps, ppo_rollouts, world_size
+from rlhf import rewards
+from rlhf.config import DType, grad_accum_steps, ppo_rollouts, world_size
 from rlhf.optim import MasterWeightAdamW
+from rlhf.stage_schemas import Schedule
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio: float) -> float:
@@ -79,7 +81,8 @@ def ppo_accumulation(cfg: DictConfig) -> int:
 
 
 def stage_configs(cfg: DictConfig, name: str) -> dict[str, dict]:
-    """The DeepSpeed configs of a stage's trained engines by role, as the stage will build them."""
+    """The DeepSpeed configs of a stage's engines by role, as the stage will build them (PPO's frozen reference
+    and reward model included)."""
     stage = cfg.stage
     if name == "sft":
         return {"model": deepspeed_config(cfg)}
@@ -88,6 +91,10 @@ def stage_configs(cfg: DictConfig, name: str) -> dict[str, dict]:
     configs = {"actor": deepspeed_config(cfg, stage.actor_zero_stage, ppo_accumulation(cfg))}
     if stage.advantage == "gae":
         configs["critic"] = deepspeed_config(cfg, stage.critic_zero_stage, ppo_accumulation(cfg))
+    if stage.kl_coef > 0:
+        configs["reference"] = frozen_config(cfg, zero_stage_of(cfg, stage.actor_zero_stage))
+    if rewards.MODEL in stage.reward_funcs:
+        configs["reward_model"] = frozen_config(cfg, cfg.hardware.zero_stage)
     return configs
 
 
@@ -164,17 +171,16 @@ def initialize(
     return engine
 
 
-def initialize_frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int):
-    """A DeepSpeed engine for a model that only runs forward (PPO's reference and reward models): no optimizer;
+def frozen_config(cfg: DictConfig, zero_stage: int) -> dict:
+    """The DeepSpeed config of a model that only runs forward (PPO's reference and reward models): no optimizer;
     ZeRO-3 partitions it (and `hardware.offload_params` puts it in CPU memory) when the run uses ZeRO-3."""
-    model.requires_grad_(False)
     hw = cfg.hardware
     zero: dict = {"stage": 3 if zero_stage == 3 else 0}
     if zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = 10_000
         if hw.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": hw.accelerator != "cpu"}
-    config = {
+    return {
         "train_micro_batch_size_per_gpu": hw.micro_batch,
         "train_batch_size": hw.micro_batch * world_size(cfg),
         "zero_optimization": zero,
@@ -182,6 +188,11 @@ def initialize_frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int):
         "fp16": {"enabled": hw.precision == DType.fp16},
         "steps_per_print": 10**9,
     }
-    engine, *_ = quiet_initialize(model=model, config=config)
+
+
+def initialize_frozen(model: torch.nn.Module, cfg: DictConfig, zero_stage: int):
+    """A DeepSpeed engine of `frozen_config` for a model that only runs forward."""
+    model.requires_grad_(False)
+    engine, *_ = quiet_initialize(model=model, config=frozen_config(cfg, zero_stage))
     engine.eval()
     return engine

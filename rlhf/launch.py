@@ -1,6 +1,9 @@
 """Running a stage: in this process for world size 1, else through DeepSpeed's launcher with one worker per rank.
 
 Workers do not compose the config again: they read the resolved config the parent wrote into the run directory.
+Over several nodes (`hardware.launcher`) either one `rlhf` starts every node's ranks (pdsh over the hostfile), or
+one `rlhf` runs on each node and starts that node's ranks (`no_ssh`), or each rank is a SLURM task running `rlhf`
+(`slurm`). The run folder is shared by the nodes; the lead process (node 0, SLURM task 0) keeps its records.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -23,8 +27,9 @@ from omegaconf import DictConfig
 from rlhf import checkpoint, dist
 from rlhf.checkpoint import CheckpointError, Preempted, config_diff
 from rlhf.compose import recorded_overrides
-from rlhf.config import PIPELINE_ORDER, RESOLVED_CONFIG_NAME, Accelerator, load_resolved, world_size
+from rlhf.config import RESOLVED_CONFIG_NAME, Accelerator, Launcher, load_resolved, save_resolved, world_size
 from rlhf.guard import NonFiniteError
+from rlhf.stage_schemas import PIPELINE_ORDER
 from rlhf.stages import finished_summary
 
 log = logging.getLogger("rlhf")
@@ -65,17 +70,59 @@ def trained_anything(run_dir: Path) -> bool:
     )
 
 
-def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
-    """One stage, in this process for world size 1, else in launched workers that read `config_path`; with
-    `resume` set, a stage that already finished in `run_dir` is not run again."""
+def leads_run(cfg: DictConfig) -> bool:
+    """Whether this process keeps the run folder's records (its config, the check that the run may start there, the
+    pipeline's report): the only `rlhf` of a run, node 0's under `launcher=no_ssh`, SLURM task 0's under `slurm`."""
+    hw = cfg.hardware
+    if hw.launcher == Launcher.no_ssh:
+        return hw.node_rank == 0
+    if hw.launcher == Launcher.slurm and world_size(cfg) > 1:
+        return os.environ.get("SLURM_PROCID", "0") == "0"
+    return True
+
+
+def run_stage(cfg: DictConfig, run_dir: Path, config_path: Path | None) -> int:
+    """One stage, in this process for world size 1 (or as one SLURM task's rank), else in launched workers that
+    read `config_path` (None: a node other than the lead's writes its own copy); with `resume` set, a stage that
+    already finished in `run_dir` is not run again."""
     if cfg.resume and finished_summary(run_dir, cfg.stage.name) is not None:
         log.info("stage %s finished earlier in %s: not run again", cfg.stage.name, run_dir)
         return 0
-    if world_size(cfg) == 1:
+    if world_size(cfg) > 1 and cfg.hardware.launcher == Launcher.slurm:
+        problem = join_slurm_job(cfg)
+        if problem:
+            log.error("%s", problem)
+            return 2
+        dist.configure_process(cfg, cfg.hardware.procs_per_node)
+    elif world_size(cfg) == 1:
         dist.configure_process(cfg, 1)
-        dist.init(dist.backend(cfg))  # kept for later stages and multirun jobs: DeepSpeed caches its groups
-        return run_reporting_input_errors(cfg, run_dir)
-    return launch_workers(cfg, run_dir, config_path)
+    else:
+        return launch_workers(cfg, run_dir, config_path)
+    dist.init(dist.backend(cfg))  # kept for later stages and multirun jobs: DeepSpeed caches its groups
+    if dist.rank() != 0:
+        logging.getLogger("rlhf").setLevel(logging.WARNING)
+    return run_reporting_input_errors(cfg, run_dir)
+
+
+def join_slurm_job(cfg: DictConfig) -> str | None:
+    """Set this SLURM task's rendezvous (MASTER_ADDR: the job's first node, MASTER_PORT: hardware.master_port, RANK,
+    WORLD_SIZE, LOCAL_RANK) from SLURM's variables; why this process cannot be a rank, or None."""
+    if "SLURM_PROCID" not in os.environ:
+        return (
+            "hardware.launcher=slurm runs each rank as a SLURM task (hydra/launcher=slurm starts one per device); "
+            "this process is not in a SLURM job: use hardware.launcher=deepspeed or no_ssh"
+        )
+    from submitit.helpers import TorchDistributedEnvironment
+
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    os.environ.setdefault("MASTER_PORT", str(cfg.hardware.master_port))
+    job = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if job.world_size != world_size(cfg):
+        return (
+            f"the SLURM job has {job.world_size} tasks but hardware.nodes x hardware.procs_per_node is "
+            f"{world_size(cfg)}: start it with hydra/launcher=slurm, which asks for one task per device"
+        )
+    return None
 
 
 def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
@@ -103,39 +150,64 @@ def run_reporting_input_errors(cfg: DictConfig, run_dir: Path) -> int:
 
 def resume_command(run_dir: Path) -> str:
     """The command that continues the run in `run_dir`: its overrides as Hydra recorded them, with resume set."""
-    if not (run_dir / ".hydra" / "overrides.yaml").is_file():  # started from Python, not by `rlhf`
+    overrides = recorded_overrides(run_dir)
+    if not overrides and not (run_dir / ".hydra" / "overrides.yaml").is_file():  # started from Python, not `rlhf`
         return f"rlhf resume={run_dir} <the overrides it started with>"
-    return " ".join(["rlhf", f"resume={run_dir}", *(shlex.quote(o) for o in recorded_overrides(run_dir))])
+    return " ".join(["rlhf", f"resume={run_dir}", *(shlex.quote(o) for o in overrides)])
 
 
-def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path) -> int:
+def launcher_command(cfg: DictConfig, hostfile: str) -> list[str]:
+    """DeepSpeed's launcher for this node's ranks (every node's with pdsh), up to the module it runs."""
+    hw = cfg.hardware
+    command = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if hw.nodes == 1:
+        command += ["--master_port", str(dist.free_port())]
+    else:
+        command += ["--hostfile", hostfile, "--num_nodes", str(hw.nodes), "--master_port", str(hw.master_port)]
+        command += ["--master_addr", hw.master_addr] if hw.master_addr else []
+        if hw.launcher == Launcher.no_ssh:
+            command += ["--no_ssh", "--node_rank", str(hw.node_rank)]
+    return command + ["--num_gpus", str(hw.procs_per_node), "--module", "rlhf.launch"]
+
+
+def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path | None) -> int:
+    with tempfile.TemporaryDirectory(prefix="rlhf-node-") as node_dir:
+        hostfile = cfg.hardware.hostfile
+        if not hostfile and cfg.hardware.nodes > 1:  # --no_ssh reads only the slot counts: the names are placeholders
+            hostfile = str(Path(node_dir) / "hostfile")
+            slots = f" slots={cfg.hardware.procs_per_node}\n"
+            Path(hostfile).write_text("".join(f"node{i}{slots}" for i in range(cfg.hardware.nodes)))
+        config_path = config_path or save_resolved(cfg, Path(node_dir))
+        return run_launcher(cfg, run_dir, config_path, hostfile)
+
+
+def run_launcher(cfg: DictConfig, run_dir: Path, config_path: Path, hostfile: str) -> int:
+    """Run DeepSpeed's launcher to the end, its output passed through; signals go to this node's workers."""
     hw = cfg.hardware
     env = dict(os.environ)
     if hw.accelerator == Accelerator.cpu:
         dist.configure_process(cfg, hw.procs_per_node)
         env["DS_ACCELERATOR"] = "cpu"
         env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(dist.free_port())]
-    if hw.nodes > 1:
-        command += ["--hostfile", hw.hostfile, "--num_nodes", str(hw.nodes)]
-    command += ["--num_gpus", str(hw.procs_per_node), "--module", "rlhf.launch"]
+    command = launcher_command(cfg, hostfile)
     command += [str(run_dir), "--config", str(config_path)] + (["--resume", cfg.resume] if cfg.resume else [])
-    log.info("launching %d workers: %s", world_size(cfg), " ".join(command))
+    here = hw.procs_per_node if hw.launcher == Launcher.no_ssh else world_size(cfg)
+    log.info("launching %d of %d workers: %s", here, world_size(cfg), " ".join(command))
     # the launcher's stdout (its log and the workers') passes through here, so that after a stop by a signal its
     # "exits with return code = 130" line, which reads like a crash, is left out
     launcher = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, text=True)
-    with forward_signals(launcher) as forwarded:
+    with forward_signals(launcher):
         for line in launcher.stdout:
-            if not (forwarded and LAUNCHER_STOP_LINE.search(line)):
+            if not LAUNCHER_STOP_LINE.search(line):
                 sys.stdout.write(line)
                 sys.stdout.flush()
         code = launcher.wait()
-    stop = next((s for s in forwarded if code == 128 + s), None)
-    if stop is not None:
+    if code - 128 in (signal.SIGTERM, signal.SIGINT):  # the workers saved a checkpoint (the signal may have come to
+        # another node: every rank stops at the same step)
         log.warning(
             "stage %s stopped by %s on every worker; continue with: %s",
             cfg.stage.name,
-            signal.Signals(stop).name,
+            signal.Signals(code - 128).name,
             resume_command(run_dir),
         )
     elif code != 0:
@@ -157,16 +229,12 @@ LAUNCHER_STOP_LINE = re.compile(r"exits with return code = (130|143)\b")  # Deep
 
 
 @contextmanager
-def forward_signals(launcher: subprocess.Popen) -> Iterator[set[int]]:
+def forward_signals(launcher: subprocess.Popen) -> Iterator[None]:
     """Pass SIGTERM and SIGINT on to this machine's workers (each saves a checkpoint and exits), not to DeepSpeed's
-    launcher, which would kill them after 30 s; before the workers exist, the launcher gets the signal. Yields the
-    set of signals passed on so far."""
+    launcher, which would kill them after 30 s; before the workers exist, the launcher gets the signal."""
     import psutil
 
-    forwarded: set[int] = set()
-
     def forward(signum: int, frame) -> None:
-        forwarded.add(signum)
         try:
             children = psutil.Process(launcher.pid).children(recursive=True)
         except psutil.NoSuchProcess:
@@ -179,7 +247,7 @@ def forward_signals(launcher: subprocess.Popen) -> Iterator[set[int]]:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield forwarded
+        yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from rlhf import gold
 from rlhf.config import RESOLVED_CONFIG_NAME, Accelerator, save_resolved, stage_config
-from rlhf.launch import check_run_dir, run_stage
+from rlhf.launch import check_run_dir, leads_run, run_stage
 from rlhf.progress import format_seconds, markdown_table
 
 log = logging.getLogger("rlhf")
@@ -193,19 +193,21 @@ def run(cfg: DictConfig, run_dir: Path) -> int:
             cfg.hardware.name,
         )
         return 2
-    problem = check_run_dir(cfg, run_dir)
+    lead = leads_run(cfg)  # the other nodes (or SLURM tasks) of a run leave its folder's records to the lead
+    problem = check_run_dir(cfg, run_dir) if lead else None
     if problem:
         log.error("%s", problem)
         return 2
-    if not (run_dir / RESOLVED_CONFIG_NAME).is_file():  # a resumed run keeps the record it started with
+    if lead and not (run_dir / RESOLVED_CONFIG_NAME).is_file():  # a resumed run keeps the record it started with
         save_resolved(cfg, run_dir)
     if cfg.stage.name == "pipeline":
-        return run_pipeline(cfg, run_dir)
-    return run_stage(cfg, run_dir, run_dir / RESOLVED_CONFIG_NAME)
+        return run_pipeline(cfg, run_dir, lead)
+    return run_stage(cfg, run_dir, run_dir / RESOLVED_CONFIG_NAME if lead else None)
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> int:
-    """Run `stage.stages` in order; stop at the first stage that fails and return its exit code."""
+def run_pipeline(cfg: DictConfig, run_dir: Path, lead: bool = True) -> int:
+    """Run `stage.stages` in order; stop at the first stage that fails and return its exit code. Only the `lead`
+    process writes the stages' configs and the pipeline's report."""
     names = list(cfg.stage.stages)
     problem = check_stage_data(cfg, [n for n in names if not (run_dir / n / "summary.json").is_file()])
     if problem:
@@ -220,13 +222,17 @@ def run_pipeline(cfg: DictConfig, run_dir: Path) -> int:
         log.info(
             "pipeline: stage %d/%d, %s (elapsed %s)", i, len(names), name, format_seconds(time.perf_counter() - started)
         )
-        code = run_stage(sub, run_dir, save_resolved(sub, run_dir / name))  # a finished stage returns at once
+        config_path = save_resolved(sub, run_dir / name) if lead else None
+        code = run_stage(sub, run_dir, config_path)  # a finished stage returns at once
         if code != 0:
             log.error("pipeline stopped in stage %s (exit code %d); outputs so far: %s", name, code, outputs or "none")
             return code
         summary = json.loads((run_dir / name / "summary.json").read_text())
         outputs[name] = summary["output"]
         summaries.append(summary)
+    if not lead:
+        log.info("pipeline done; the lead process writes its report in %s", run_dir)
+        return 0
     table = markdown_table(pipeline_table(summaries))
     evaluations = gold_evaluations(run_dir, names)
     changes = gold_changes(evaluations)

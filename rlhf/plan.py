@@ -8,7 +8,8 @@ keeps an fp32 master copy; DeepSpeed's own estimators are shown beside ours for 
   optimizer   T x (8 Adam moments + 4 master copy when not fp32, + 4 fp32 gradient buffer in bf16 at ZeRO-0),
               / N under ZeRO-1 to 3, 0 with optimizer offload
   activations micro-batch x sequence x layers x (34 h + 5 heads x sequence) bytes in 16 bits (x2 in fp32), about
-              2 h bytes per token and layer with gradient checkpointing; plus the fp32 logits of the micro-batch
+              2 h bytes per token and layer with gradient checkpointing; plus the fp32 logits of the micro-batch;
+              in PPO at least the KV cache of all a rank's rollouts, sampled at once (2 x layers x tokens x h x bytes)
 Time is FLOPs (6 P per trained token, 2 P per forward token, 8 P with checkpointing) over
 hardware.peak_tflops x hardware.expected_mfu per device; PPO's sampling (2 P per token) at hardware.generation_mfu.
 """
@@ -200,7 +201,7 @@ def stage_memory(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setu
             total["weights"] += archs[key].params() * b / (world if zero3 else 1)
         actor = archs["model"]
         per_rank = ppo_rollouts(cfg.stage) // world
-        kv_cache = 2 * actor.layers * per_rank * seq * actor.hidden * actor.kv_heads // actor.heads * 4
+        kv_cache = 2 * actor.layers * per_rank * seq * actor.hidden * actor.kv_heads // actor.heads * b
         total["activations"] = max(total["activations"], kv_cache)
     total["total"] = sum(total.values())
     total["ds_model_states"] = ds_states
@@ -427,9 +428,8 @@ def dry_run(cfg: DictConfig, run_dir: Path | None = None) -> int:
     text = [
         f"dry run: {cfg.stage.name} of {cfg.model.name} (reward/critic {cfg.reward_model.name}) on {hw.name}: "
         f"{hw.nodes} node(s) x {hw.procs_per_node} {hw.accelerator.value} device(s) of {hw.device_memory_gb:g} GB, "
-        f"{hw.precision.value}, {hw.peak_tflops:g} TFLOP/s peak x {hw.expected_mfu:g} expected MFU "
-        f"({hw.generation_mfu:g} in PPO's sampling), "
-        f"${hw.cost_per_device_hour:g} per device-hour (memory in GB per device; nothing was loaded)",
+        f"{hw.precision.value}, {hw.peak_tflops:g} TFLOP/s peak x {hw.expected_mfu:g} MFU ({hw.generation_mfu:g} in "
+        f"PPO's sampling), ${hw.cost_per_device_hour:g} per device-hour (memory in GB per device; nothing loaded)",
         markdown_table(rows),
     ]
     for name, lines in advised.items():

@@ -72,10 +72,13 @@ DSCHAT_STEP3 = {
 
 def plan_rows(paths: list[Path]) -> list[dict[str, object]]:
     """The PPO plans of the dry runs under `paths` beside DeepSpeed-Chat's published time and cost for the same model
-    and hardware, with the ratio and, where they differ by more than 2x, the term that dominates our estimate."""
+    and hardware, with the ratio and, where they differ by more than 2x, the term that dominates our estimate; and
+    the memory per device against what the plan may use, split into model states and activations (in PPO the
+    sampler's KV cache), which says why a cell does not fit."""
     from omegaconf import OmegaConf
 
     from rlhf.config import RESOLVED_CONFIG_NAME
+    from rlhf.plan import HEADROOM
 
     rows: list[dict[str, object]] = []
     for plan_path in sorted(p for path in paths for p in path.rglob("plan.json")):
@@ -108,6 +111,11 @@ def plan_rows(paths: list[Path]) -> list[dict[str, object]]:
                     "plan_over_dschat": ratio if ratio is not None else "",
                     "sampling_share": generation,
                     "dominant_term": note,
+                    "memory_gb": (
+                        f"{stage['total_gb']:.0f} of {stage['device_gb'] * HEADROOM:.0f}: states "
+                        f"{stage['weights_gb'] + stage['grads_gb'] + stage['optim_gb']:.0f} + activations "
+                        f"{stage['activations_gb']:.0f}"
+                    ),
                 }
             )
     return sorted(rows, key=lambda r: (str(r["hardware"]), r["params_b"]))

@@ -14,11 +14,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rlhf import rewards
 from rlhf.config import (
-    PIPELINE_ORDER,
-    STAGE_SCHEMAS,
     Accelerator,
     ConfigError,
-    PipelineStageConfig,
+    Launcher,
     Precision,
     Source,
     ppo_rollouts,
@@ -29,6 +27,7 @@ from rlhf.data import builtin, onpolicy
 from rlhf.data.formats import ADAPTERS
 from rlhf.data.sources import FORMAT_FIELDS
 from rlhf.ppo import functional as ppo_math
+from rlhf.stage_schemas import PIPELINE_ORDER, STAGE_SCHEMAS, PipelineStageConfig
 
 Need = Callable[[bool, str], None]  # records the message when the rule does not hold
 
@@ -85,7 +84,20 @@ def hardware_rules(cfg: DictConfig, need: Need) -> None:
         not opt.offload or hw.zero_stage >= 1,
         f"optimizer.offload=true needs hardware.zero_stage >= 1 (got {hw.zero_stage})",
     )
-    need(hw.nodes == 1 or bool(hw.hostfile), f"hardware.nodes={hw.nodes} needs hardware.hostfile")
+    need(
+        hw.nodes == 1 or hw.launcher != Launcher.deepspeed or bool(hw.hostfile),
+        f"hardware.nodes={hw.nodes} needs hardware.hostfile (pdsh starts every node from here), or "
+        "hardware.launcher=no_ssh (one rlhf per node) or slurm (one per device)",
+    )
+    need(
+        0 <= hw.node_rank < hw.nodes,
+        f"hardware.node_rank={hw.node_rank} must be in 0 .. hardware.nodes - 1 = {hw.nodes - 1}",
+    )
+    need(
+        hw.launcher != Launcher.no_ssh or hw.nodes == 1 or bool(hw.master_addr),
+        f"hardware.launcher=no_ssh over hardware.nodes={hw.nodes} needs hardware.master_addr (node 0's address)",
+    )
+    need(0 < hw.master_port < 65536, f"hardware.master_port={hw.master_port} must be a port, 1 .. 65535")
 
 
 def model_rules(cfg: DictConfig, need: Need) -> None:

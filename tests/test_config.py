@@ -309,6 +309,8 @@ def test_the_disagreement_finder_finds_one() -> None:
 @pytest.mark.parametrize("option", sorted(BASE_OPTIONS))
 def test_each_default_has_one_value_in_the_schema_and_its_yaml(option: str) -> None:
     import rlhf.config as config
+    import rlhf.stage_schemas as stage_schemas
 
-    schema = OmegaConf.to_container(OmegaConf.structured(getattr(config, BASE_OPTIONS[option])))
+    module = stage_schemas if option.startswith("stage/") else config
+    schema = OmegaConf.to_container(OmegaConf.structured(getattr(module, BASE_OPTIONS[option])))
     assert not disagreements(OmegaConf.to_container(OmegaConf.load(CONF_DIR / option)), schema)

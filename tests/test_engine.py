@@ -7,8 +7,8 @@ import math
 import pytest
 
 from rlhf.compose import compose
-from rlhf.config import Schedule
 from rlhf.engine import deepspeed_config, lr_factor
+from rlhf.stage_schemas import Schedule
 
 
 def test_warmup_then_cosine_reaches_min_ratio() -> None:

@@ -173,6 +173,9 @@ def test_seed_presets_plan_without_loading(preset: str, tmp_path: Path) -> None:
     actor, critic = ds["ppo"]["actor"], ds["ppo"]["critic"]
     assert actor["zero_optimization"]["stage"] == critic["zero_optimization"]["stage"] == (0 if world == 1 else 3)
     assert actor["train_batch_size"] == cfg.stage.ppo.global_batch  # one optimizer step per iteration
+    reference, reward_model = ds["ppo"]["reference"], ds["ppo"]["reward_model"]  # frozen: forward only
+    assert reference["zero_optimization"]["stage"] == actor["zero_optimization"]["stage"]
+    assert "optimizer" not in reward_model and reward_model["fp16"]["enabled"]
 
 
 def test_dry_run_of_a_model_too_large_gives_the_changes_that_fit(tmp_path: Path) -> None:
@@ -238,25 +241,6 @@ def test_cpu_scaling_sweep_gives_a_run_per_job_and_a_report(sweep_name: str, tmp
         assert len({r["eval_tokens"] for r in rows if r["model"] == model}) == 1
     for png in ("scaling_model_size.png", "scaling_world_size.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
-
-
-def test_slurm_launcher_composes_from_the_hardware_option() -> None:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from rlhf.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(
-            "config",
-            overrides=["+sweep=scaling", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hardware=8xA100-80G"],
-            return_hydra_config=True,
-        )
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
-    assert launcher.gpus_per_node == 8 and launcher.nodes == 1
-    assert dict(cfg.hydra.sweeper.params) == {"model": "opt-1.3b,opt-6.7b,opt-13b", "hardware": "1xA100-80G,8xA100-80G"}
 
 
 def same_value(got, written: str) -> bool:

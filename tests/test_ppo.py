@@ -138,23 +138,6 @@ def test_lora_actor_trains_only_lora_and_merged_generation_matches(tmp_path: Pat
     assert summary["steps"] == 2
 
 
-def test_zero3_actor_on_two_processes(tmp_path: Path, tiny_reward: Path) -> None:
-    result = run_cli(
-        [
-            *PPO_SMALL,
-            "hardware=cpu-2proc",
-            "stage.actor_zero_stage=3",
-            "stage.max_steps=2",
-            "eval.gold_prompts=4",
-            f"stage.reward_from={tiny_reward}",
-        ],
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = read_summary(single_run_dir(tmp_path), "ppo")
-    assert summary["world_size"] == 2 and summary["steps"] == 2
-
-
 def test_zero3_generation_gathers_the_actor_once_per_call(dist_process_group, monkeypatch) -> None:
     import deepspeed
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator

@@ -74,4 +74,7 @@ def test_the_dschat_tables_sweep_plans_every_published_cell_beside_its_figure(tm
         assert row["tokens"] == 1030 * 256 * 512  # the published workload: 135M tokens of 256 + 256
         assert row["plan_over_dschat"] == row["plan_hours"] / row["dschat_hours"] > 0
         assert (row["dominant_term"] != "") == (not 0.5 <= row["plan_over_dschat"] <= 2)
+    cell = next(r for r in rows if (r["model"], r["hardware"]) == ("opt-30b", "8xA100-80G"))
+    # 30B: 16 bytes per parameter over 8 devices; the fp16 KV cache of 32 rollouts of 512 tokens (48 layers, 7168)
+    assert cell["fits"] == "NO" and cell["memory_gb"] == "85 of 72: states 64 + activations 21"
     assert "Plans beside DeepSpeed-Chat" in (tmp_path / "out" / "report.md").read_text()

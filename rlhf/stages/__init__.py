@@ -109,4 +109,5 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "peak_device_gb",
         ]
         log.info("\n%s\nfinal model: %s", markdown_table([{k: summary[k] for k in shown if k in summary}]), output)
+    dist.barrier()  # the summary is written before any rank exits: another node's `rlhf` reads it next
     return summary
