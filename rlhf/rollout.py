@@ -181,9 +181,11 @@ class GenerationModel:
             state = lora.merge_lora_state_dict(
                 {name: p.detach() for name, p in module.named_parameters()}, lora.lora_scalings(module)
             )
-            if self._copy is None:
+            if self._copy is None:  # its random initialisation must not draw from the sampling RNG: a resumed
+                # run builds the copy at another point of the stream than the run it continues
                 dtype = next(module.parameters()).dtype
-                self._copy = AutoModelForCausalLM.from_config(module.config, dtype=dtype)
+                with torch.random.fork_rng(devices=[]):
+                    self._copy = AutoModelForCausalLM.from_config(module.config, dtype=dtype)
             _, unexpected = self._copy.load_state_dict(state, strict=False)  # copies while gathered
         if unexpected:
             raise RuntimeError(f"the rollout copy of the model has no parameters named {unexpected[:3]}")

@@ -82,7 +82,13 @@ def test_a_checkpoint_restores_weights_optimizer_loop_state_and_rng(trained, tmp
 
 
 def test_bf16_training_checkpoints_and_saves_its_fp32_masters(tmp_path: Path, dist_process_group) -> None:
-    overrides = [*SFT, "stage.max_steps=2", "hardware.precision=bf16"]
+    overrides = [
+        *SFT,
+        "stage.max_steps=2",
+        "hardware.precision=bf16",
+        "data.max_prompt_len=48",
+        "data.max_answer_len=32",
+    ]
     first = sft_trainer(tmp_path / "a", overrides)
     first.train()
     second = sft_trainer(tmp_path / "b", overrides)

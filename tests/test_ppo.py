@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf import dist, models, pipeline
+from rlhf import checkpoint, dist, models, pipeline
 from rlhf.compose import compose
 from rlhf.config import ConfigError, DType
 from rlhf.data.tokenize import used_columns
@@ -210,6 +210,7 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
 
     base = ["experiment=bench", "model=tiny", "model@reward_model=tiny", "logger=none", f"cache_dir={tmp_path}"]
     base += ["optimizer.actor_lr=1e-3", "optimizer.critic_lr=1e-3", "stage.max_new_tokens=16"]
+    base += ["stage.global_batch=4", "hardware.micro_batch=4", "stage.prompt_width=32"]  # bf16 is emulated here
     trainers = {}
     for precision in ("fp32", "bf16"):
         cfg = compose([*base, f"hardware.precision={precision}"])
@@ -221,11 +222,11 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     assert all(m.dtype == torch.float32 for m in actor16.optimizer.masters)  # fp32 masters
 
     torch.manual_seed(0)
-    exp = fp32.generate_experience(bench.bench_prompts(fp32.tokenizer, 8, 64))
+    exp = fp32.generate_experience(bench.bench_prompts(fp32.tokenizer, 4, 32))
     sequences, mask = exp.sequences, exp.attention_mask
     with torch.no_grad():
-        lp32 = actor_logprobs(fp32.models.actor, sequences, mask, 64, 0.7)
-        lp16 = actor_logprobs(actor16, sequences, mask, 64, 0.7).float()
+        lp32 = actor_logprobs(fp32.models.actor, sequences, mask, 32, 0.7)
+        lp16 = actor_logprobs(actor16, sequences, mask, 32, 0.7).float()
     assert (lp16 - lp32).abs().mean() < 0.01 * lp32.abs().mean()  # bf16 forward ~ fp32 forward
 
     names = {id(p): n for n, p in actor16.module.named_parameters()}
@@ -380,23 +381,60 @@ def test_a_group_estimator_builds_trains_and_checkpoints_no_critic(dist_process_
 
 
 @pytest.mark.parametrize("estimator", ppo_math.ESTIMATORS)
-def test_every_estimator_trains_on_the_same_loop_and_only_gae_has_a_critic(dist_process_group, estimator: str):
-    trainer = function_reward_trainer(
-        "stage.global_batch=4", "stage.samples_per_prompt=2", f"stage.advantage={estimator}", "stage.kl_coef=0.1"
-    )
-    assert (trainer.models.critic is not None) == (estimator == "gae")
+def test_every_estimator_trains_on_one_loop_and_resumes_exactly_with_a_lora_actor_under_zero3(
+    dist_process_group, estimator: str, tmp_path: Path
+) -> None:
+    """Only gae has a critic; reinforce++ whitens per-token returns; each logs the group and clip figures; a run
+    resumed from the checkpoint after step 1 takes the same step 2 as the uninterrupted run."""
+    overrides = [
+        "stage.global_batch=4", "stage.samples_per_prompt=2", f"stage.advantage={estimator}", "stage.kl_coef=0.1",
+        "stage.max_steps=2", "stage.checkpoint_interval=1", "model.lora.dim=4",
+        "model.lora.target_modules=[q_proj,v_proj]", "stage.actor_zero_stage=3", "stage.critic_zero_stage=3",
+    ]  # fmt: skip
+    runs = []
+    for resumed in (False, True):
+        trainer = function_reward_trainer(*overrides)
+        trainer.checkpoints = checkpoint.Checkpointer(trainer, trainer.cfg, tmp_path, None, stop=None)
+        if resumed:
+            trainer.checkpoints.load(checkpoint.latest(tmp_path))
+        else:
+            assert (trainer.models.critic is not None) == (estimator == "gae")
+            check_advantages(trainer, estimator)
+            outcome = trainer.run_step()
+            logged = {"ppo/clipfrac_low", "ppo/clipfrac_high", "ppo/truncated_frac", "ppo/flat_group_frac"}
+            assert logged <= set(outcome.metrics)
+            trainer.checkpoints.step_done(trainer.total_steps)  # the loop's checkpoint after step 1
+        assert trainer.step == 1 and trainer.models.actor.zero_optimization_stage() == 3
+        runs.append(trainer.run_step().metrics)
+    uninterrupted, after_resume = runs
+    for key in ("ppo/reward_mean", "ppo/policy_loss", "ppo/kl", "ppo/entropy"):
+        assert after_resume[key] == pytest.approx(uninterrupted[key], rel=1e-4, abs=1e-5), key
+    assert ("ppo/value_loss" in after_resume) == (estimator == "gae")
+
+
+def check_advantages(trainer: PPOTrainer, estimator: str) -> None:
+    """reinforce++: per-token returns whitened over the batch, the scores less the group mean with a baseline."""
     exp = trainer.generate_experience(trainer.prompt_batch(0))
-    m = exp.response_mask.float()
-    if estimator.startswith("reinforce_plus_plus"):  # per-token returns, whitened over the batch
+    if estimator.startswith("reinforce_plus_plus"):
+        m = exp.response_mask.float()
         assert ppo_math.masked_mean(exp.advantages, m).item() == pytest.approx(0.0, abs=1e-5)
         assert ppo_math.masked_var(exp.advantages, m).item() == pytest.approx(1.0, abs=1e-3)
         baseline = estimator.endswith("baseline")
         scores = ppo_math.subtract_group_mean(exp.scores, 2) if baseline else exp.scores
         torch.testing.assert_close(exp.rewards.sum(dim=1), scores - 0.1 * exp.kl)
-    outcome = trainer.run_step()
-    logged = {"ppo/clipfrac_low", "ppo/clipfrac_high", "ppo/truncated_frac", "ppo/flat_group_frac"}
-    assert logged <= set(outcome.metrics)
-    assert ("ppo/value_loss" in outcome.metrics) == (estimator == "gae")
+
+
+def test_a_prompts_samples_stay_together_on_one_rank(dist_process_group) -> None:
+    trainer = function_reward_trainer("stage.global_batch=4", "stage.samples_per_prompt=3", "stage.advantage=rloo")
+    trainer.world = 2
+    shares = []
+    for rank in (0, 1):
+        trainer.rank = rank
+        rows = [tuple(row["input_ids"]) for row in trainer.prompt_batch(0)]
+        groups = [rows[i : i + 3] for i in range(0, len(rows), 3)]
+        assert len(groups) == 2 and all(len(set(group)) == 1 for group in groups)  # whole groups, in a row
+        shares.append({group[0] for group in groups})
+    assert len(shares[0] | shares[1]) == 4  # the ranks share the global batch, no prompt twice
 
 
 def test_without_a_kl_penalty_no_reference_model_is_built(dist_process_group) -> None:
