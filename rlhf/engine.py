@@ -88,6 +88,9 @@ def stage_configs(cfg: DictConfig, name: str) -> dict[str, dict]:
         return {"model": deepspeed_config(cfg)}
     if name == "reward":
         return {"reward_model": deepspeed_config(cfg, stage.zero_stage)}
+    if name == "dpo":
+        reference = {} if stage.loss == "simpo" else {"reference": frozen_config(cfg, cfg.hardware.zero_stage)}
+        return {"model": deepspeed_config(cfg)} | reference
     configs = {"actor": deepspeed_config(cfg, stage.actor_zero_stage, ppo_accumulation(cfg))}
     if stage.advantage == "gae":
         configs["critic"] = deepspeed_config(cfg, stage.critic_zero_stage, ppo_accumulation(cfg))

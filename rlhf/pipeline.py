@@ -17,12 +17,14 @@ from rlhf import gold
 from rlhf.config import RESOLVED_CONFIG_NAME, Accelerator, save_resolved, stage_config
 from rlhf.launch import check_run_dir, leads_run, run_stage
 from rlhf.progress import format_seconds, markdown_table
+from rlhf.stage_schemas import data_share
 
 log = logging.getLogger("rlhf")
 
 RESULT_KEYS = {  # the quality figures a stage's row shows, start -> end
     "sft": [("eval_loss_start", "eval_loss", "eval loss"), ("gold_score_start", "gold_score", "gold")],
     "reward": [("eval_acc_start", "eval_acc", "held-out acc")],
+    "dpo": [("eval_acc_start", "eval_acc", "held-out acc"), ("gold_score_start", "gold_score", "gold")],
     "ppo": [
         # PPO's reward (the reward model's score normalised, plus any reward functions): on the rollouts, with the
         # EOS penalty and clip, and on the greedy answers to the held-out prompts
@@ -35,10 +37,12 @@ RESULT_KEYS = {  # the quality figures a stage's row shows, start -> end
 
 def hand_over(sub: DictConfig, outputs: dict[str, str]) -> None:
     """Point a stage at the outputs of the stages before it, unless the config names its own inputs: the SFT output
-    is the policy the reward stage samples (and, with `from_policy`, starts from); PPO's actor and reward model are
-    the SFT and reward outputs."""
+    is the policy the reward stage samples (and, with `from_policy`, starts from) and the policy DPO trains; PPO's
+    actor and reward model are the SFT and reward outputs."""
     if sub.stage.name == "reward" and "sft" in outputs and not sub.stage.policy_from:
         sub.stage.policy_from = outputs["sft"]
+    if sub.stage.name == "dpo" and "sft" in outputs and not sub.stage.init_from:
+        sub.stage.init_from = outputs["sft"]
     if sub.stage.name == "ppo":
         if not sub.stage.init_from and "sft" in outputs:
             sub.stage.init_from = outputs["sft"]
@@ -75,14 +79,15 @@ def result_text(summary: dict) -> str:
 
 
 def gold_evaluations(run_dir: Path, names: list[str]) -> dict[str, gold.GoldRecord]:
-    """The held-out gold evaluations of a pipeline's stages, by model: base (SFT's start), sft, ppo (PPO's start is
-    the SFT model again and is left out when it answered alike)."""
-    labels = {("sft", "start"): "base", ("sft", "end"): "sft", ("ppo", "start"): "ppo start", ("ppo", "end"): "ppo"}
+    """The held-out gold evaluations of a pipeline's stages, by model: base (SFT's start), sft, dpo, ppo (the start
+    of DPO or PPO is the SFT model again and is left out when it answered alike)."""
+    labels = {("sft", "start"): "base", ("sft", "end"): "sft", ("dpo", "start"): "dpo start", ("dpo", "end"): "dpo"}
+    labels |= {("ppo", "start"): "ppo start", ("ppo", "end"): "ppo"}
     found: dict[str, gold.GoldRecord] = {}
     for name in names:
         for when, record in gold.load(run_dir / name).items():
             label = labels.get((name, when))
-            if label == "ppo start" and "sft" in found and found["sft"].correct == record.correct:
+            if label in ("ppo start", "dpo start") and "sft" in found and found["sft"].correct == record.correct:
                 continue
             if label:
                 found[label] = record
@@ -158,7 +163,7 @@ def next_step_hint(summary: dict) -> str:
     return f"chat with it: rlhf-chat {output}"
 
 
-UNITS = {"sft": "SFT examples", "reward": "reward pairs", "ppo": "PPO prompts"}
+UNITS = {"sft": "SFT examples", "reward": "reward pairs", "dpo": "DPO pairs", "ppo": "PPO prompts"}
 
 
 def check_stage_data(cfg: DictConfig, names: list[str]) -> str | None:
@@ -170,10 +175,10 @@ def check_stage_data(cfg: DictConfig, names: list[str]) -> str | None:
 
     for name in names:
         sub = stage_config(cfg, name).stage
-        if name == "reward" and sub.onpolicy.samples_per_prompt > 0:
+        if name in ("reward", "dpo") and sub.onpolicy.samples_per_prompt > 0:
             continue
         try:
-            count = len(stage_rows(cfg.data, name).train)
+            count = len(stage_rows(cfg.data, data_share(name)).train)
         except DataError as err:
             return str(err)
         if count < sub.global_batch:

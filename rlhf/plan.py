@@ -27,11 +27,14 @@ from omegaconf import DictConfig
 from rlhf.config import DType, Source, cache_dir, ppo_rollouts, save_resolved, stage_config, world_size
 from rlhf.engine import stage_configs, zero_stage_of
 from rlhf.progress import format_seconds, markdown_table
+from rlhf.stage_schemas import data_share
 
 log = logging.getLogger("rlhf")
 
 GB = 1024**3
+BYTES = {DType.fp32: 4, DType.bf16: 2, DType.fp16: 2}  # per value at a precision
 HEADROOM = 0.9  # plan to use at most this share of a device's memory (allocator fragmentation, buffers)
+TRAINED = {"sft": ["model"], "reward": ["reward_model"], "dpo": ["model"], "ppo": ["model", "reward_model"]}
 
 
 class PlanError(ValueError):
@@ -139,13 +142,9 @@ class Setup:
     offload_params: bool
 
 
-def _bytes(precision: DType) -> int:
-    return 4 if precision == DType.fp32 else 2
-
-
 def model_states(arch: Arch, trainable: int, zero: int, world: int, precision: DType, setup: Setup) -> dict:
     """Bytes per device of a trained model's weights, gradients and optimizer states."""
-    b = _bytes(precision)
+    b = BYTES[precision]
     weights = arch.params() * b + (trainable * b if trainable != arch.params() else 0)
     weights = 0 if (zero == 3 and setup.offload_params) else weights / (world if zero == 3 else 1)
     grads = trainable * b / (world if zero >= 2 else 1)
@@ -178,11 +177,11 @@ def stage_memory(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setu
     """Per-device bytes of one stage, split into weights, gradients, optimizer states and activations."""
     hw, data = cfg.hardware, cfg.data
     world, precision = world_size(cfg), hw.precision
-    trained = {"sft": ["model"], "reward": ["reward_model"], "ppo": ["model", "reward_model"]}[name]
+    trained = TRAINED[name]
     total = {"weights": 0.0, "grads": 0.0, "optim": 0.0, "activations": 0.0}
     ds_states = 0.0
     seq = data.max_prompt_len + (cfg.stage.max_new_tokens if name == "ppo" else data.max_answer_len)
-    micro = setup.micro_batch * (2 if name == "reward" else 1)  # a reward micro-batch holds chosen and rejected
+    micro = setup.micro_batch * (2 if name in ("reward", "dpo") else 1)  # pairs: chosen and rejected rows
     for key in trained:
         arch = archs[key]
         role = "critic" if (name == "ppo" and key == "reward_model") else key
@@ -194,8 +193,10 @@ def stage_memory(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setu
             total["activations"], activations(arch, micro, seq, precision, setup.checkpointing[key])
         )
         ds_states += deepspeed_estimate(arch, trainable, setup.zero[role], cfg, setup)
+    if name == "dpo" and cfg.stage.loss != "simpo" and not cfg.stage.precompute_reference:  # a frozen reference
+        total["weights"] += archs["model"].params() * BYTES[precision] / (world if setup.zero["model"] == 3 else 1)
     if name == "ppo":  # frozen reference (actor's shape) and reward model, partitioned like the actor under ZeRO-3
-        b = _bytes(precision)
+        b = BYTES[precision]
         for key, role in (("model", "model"), ("reward_model", "critic")):
             zero3 = setup.zero[role] == 3
             total["weights"] += archs[key].params() * b / (world if zero3 else 1)
@@ -227,7 +228,7 @@ def deepspeed_estimate(arch: Arch, trainable: int, zero: int, cfg: DictConfig, s
         _, device = estimate_zero2_model_states_mem_needs(
             trainable, hw.procs_per_node, hw.nodes, cpu_offload=setup.offload_optimizer
         )
-    frozen = (arch.params() - trainable) * _bytes(hw.precision)  # base weights under LoRA
+    frozen = (arch.params() - trainable) * BYTES[hw.precision]  # base weights under LoRA
     return device + frozen / (world_size(cfg) if zero == 3 else 1)
 
 
@@ -246,6 +247,7 @@ def data_shape(cfg: DictConfig, name: str) -> DataShape | None:
     run downloads nothing."""
     from rlhf.data import stage_rows, usable_in
 
+    name = data_share(name)
     hub = [s.name for s in cfg.data.sources if usable_in(s, name) and not s.path and s.name != "builtin"]
     if hub:  # lengths at their maxima; steps only from stage.max_steps
         if cfg.stage.max_steps <= 0:
@@ -292,10 +294,11 @@ def stage_work(cfg: DictConfig, name: str, archs: dict[str, Arch], shape: DataSh
             + stage.ppo_epochs * ckpt * (actor + critic) * seq
         )
         return {"steps": steps, "tokens": int(samples * seq), "flops": flops, "generation_flops": generation}
-    key = "model" if name == "sft" else "reward_model"
+    key = TRAINED[name][0]
     seq = prompt + answer
-    sequences = steps * stage.global_batch * (2 if name == "reward" else 1)
+    sequences = steps * stage.global_batch * (2 if name in ("reward", "dpo") else 1)
     ckpt = 8 if cfg[key].gradient_checkpointing else 6
+    ckpt += 2 if name == "dpo" and stage.loss != "simpo" else 0  # the reference's forward
     return {"steps": steps, "tokens": int(sequences * seq), "flops": ckpt * archs[key].params() * sequences * seq}
 
 
@@ -305,10 +308,7 @@ def base_setup(cfg: DictConfig, name: str) -> Setup:
     if name == "reward":
         zero = {"reward_model": zero_stage_of(cfg, stage.zero_stage)}
     if name == "ppo":
-        zero = {
-            "model": zero_stage_of(cfg, stage.actor_zero_stage),
-            "critic": zero_stage_of(cfg, stage.critic_zero_stage),
-        }
+        zero = {r: zero_stage_of(cfg, stage[f"{own}_zero_stage"]) for r, own in (("model", "actor"), ("critic",) * 2)}
     return Setup(
         zero=zero,
         micro_batch=hw.micro_batch,
@@ -335,7 +335,7 @@ def advice(cfg: DictConfig, name: str, archs: dict[str, Arch], setup: Setup, lim
     offload = " ".join(["optimizer=adamw-offload", *at_zero])  # CPU Adam needs ZeRO >= 1
     changes.append((f"{offload} (optimizer states in CPU memory)", lambda s: setattr(s, "offload_optimizer", True)))
     for key in ("model", "reward_model"):
-        if key not in ({"sft": ["model"], "reward": ["reward_model"]}.get(name, ["model", "reward_model"])):
+        if key not in TRAINED[name]:
             continue
         if not setup.lora[key]:
             lora = f"{key}.lora.dim=128 {key}.lora.target_modules=[layers.] {key}.lora.only_optimize_lora=true"

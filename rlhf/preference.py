@@ -1,8 +1,10 @@
-"""Pairwise preferences: the Bradley-Terry loss, and the held-out figures of scored chosen/rejected pairs.
+"""Pairwise preferences: the Bradley-Terry loss, the DPO family's losses, and the held-out figures of scored
+chosen/rejected pairs.
 
 The reward stage evaluates its model with `pair_sums` (one rank's share of the pairs, summed over the ranks) and
 `pair_figures` (accuracy with its interval, per kind of pair, the loss, the mean scores, and the statistics of the
-policy's own answers' scores that PPO normalises with).
+policy's own answers' scores that PPO normalises with). The DPO stage scores a pair by its implicit rewards
+(`dpo_loss`) and reports them the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +20,56 @@ from rlhf.stats import Interval, wilson_interval
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """Mean of -log sigmoid(r_chosen - r_rejected - margin): the Bradley-Terry preference loss."""
     return -F.logsigmoid(chosen - rejected - margin).mean()
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "simpo")
+
+
+def dpo_loss(
+    policy: tuple[torch.Tensor, torch.Tensor],
+    reference: tuple[torch.Tensor, torch.Tensor] | None,
+    lengths: tuple[torch.Tensor, torch.Tensor],
+    kind: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the chosen and rejected answers' implicit rewards, from the summed log-probs of the
+    answers under the policy and (not for simpo) the frozen reference, and the answers' token counts.
+
+    - sigmoid (DPO): -(1 - e) log sigmoid(z) - e log sigmoid(-z), z = beta ((pc - rc) - (pr - rr)), e the label
+      smoothing (conservative DPO); rewards beta (p - r).
+    - ipo: (z - 1 / (2 beta))^2 with z = (pc - rc) - (pr - rr) over per-token mean log-probs (as IPO and TRL);
+      rewards beta (p - r) of those means.
+    - simpo: reference-free, -(1 - e) log sigmoid(z) - e log sigmoid(-z), z = beta (pc / |c| - pr / |r|) - gamma;
+      rewards beta p / |answer|.
+    """
+    if kind not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {kind!r}: one of {', '.join(DPO_LOSSES)}")
+    chosen, rejected = policy
+    if kind in ("ipo", "simpo"):  # per-token means
+        chosen, rejected = chosen / lengths[0], rejected / lengths[1]
+    if kind == "simpo":
+        chosen_reward, rejected_reward = beta * chosen, beta * rejected
+        z = chosen_reward - rejected_reward - simpo_gamma
+    else:
+        ref_chosen, ref_rejected = reference
+        if kind == "ipo":
+            ref_chosen, ref_rejected = ref_chosen / lengths[0], ref_rejected / lengths[1]
+        chosen_reward, rejected_reward = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+        z = (chosen_reward - rejected_reward) / (1.0 if kind == "sigmoid" else beta)
+    if kind == "ipo":
+        losses = (z - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, chosen_reward.detach(), rejected_reward.detach()
+
+
+def answer_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed log-probs of the answer tokens (`answer_mask` 1 on them) given what precedes them."""
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token * answer_mask[:, 1:]).sum(dim=1)
 
 
 def policy_scores(pair: dict, chosen: float, rejected: float) -> list[float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rlhf.progress import markdown_table
 
-STAGES = ("sft", "reward", "ppo")
+STAGES = ("sft", "reward", "dpo", "ppo")
 COLUMNS = [
     "stage",
     "model",

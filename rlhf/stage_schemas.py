@@ -136,7 +136,39 @@ class PPOStageConfig:
     optimizer: StageOptimizerConfig = field(default_factory=StageOptimizerConfig)
 
 
-PIPELINE_ORDER = ("sft", "reward", "ppo")
+@dataclass
+class DPOStageConfig:
+    """Direct preference optimisation of the policy on the reward share's pairs: no reward model, critic or
+    sampling (rlhf.stages.dpo; the losses in rlhf.preference.dpo_loss)."""
+
+    name: str = "dpo"
+    epochs: int = 1
+    max_steps: int = 24  # optimizer steps; -1 runs the full epochs
+    global_batch: int = 16  # preference pairs per optimizer step
+    eval_interval: int = 12
+    checkpoint_interval: int = 12  # optimizer steps between checkpoints (0: only at the end and when stopped)
+    eval_pairs: int = 400  # held-out pairs per evaluation (0: all)
+    log_interval: int = 1
+    grad_clip: float = 1.0
+    init_from: str = ""  # the policy to train and the frozen reference: an SFT output (empty: the `model` option)
+    loss: str = "sigmoid"  # sigmoid (DPO), ipo, or simpo (reference-free)
+    beta: float = 0.1  # SimPO's paper uses about 2 with simpo_gamma 1
+    label_smoothing: float = 0.0  # sigmoid and simpo: the assumed share of flipped labels (conservative DPO)
+    simpo_gamma: float = 1.0  # simpo: the target reward margin
+    precompute_reference: bool = True  # the reference's log-probs once per pair before training, then no reference
+    policy_from: str = ""  # on-policy pairs: the policy that answers (empty: init_from)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    disable_dropout: bool = True
+    optimizer: StageOptimizerConfig = field(default_factory=StageOptimizerConfig)
+
+
+PIPELINE_ORDER = ("sft", "reward", "dpo", "ppo")
+DATA_SHARES = ("sft", "reward", "ppo")  # the data mix's shares (data.split); DPO trains on the reward share's pairs
+
+
+def data_share(stage: str) -> str:
+    """The data share a stage trains on."""
+    return "reward" if stage == "dpo" else stage
 
 
 @dataclass
@@ -145,9 +177,10 @@ class PipelineStageConfig:
     SFT output becomes PPO's actor and the reward output its reward model unless `stage.ppo.*_from` names others."""
 
     name: str = "pipeline"
-    stages: list[str] = field(default_factory=lambda: list(PIPELINE_ORDER))  # a subset runs only those stages
+    stages: list[str] = field(default_factory=lambda: ["sft", "reward", "ppo"])  # of PIPELINE_ORDER, in its order
     sft: SFTStageConfig = field(default_factory=SFTStageConfig)
     reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
 
 
@@ -155,5 +188,6 @@ STAGE_SCHEMAS: dict[str, type] = {
     "sft": SFTStageConfig,
     "reward": RewardStageConfig,
     "ppo": PPOStageConfig,
+    "dpo": DPOStageConfig,
     "pipeline": PipelineStageConfig,
 }

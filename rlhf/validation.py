@@ -27,7 +27,8 @@ from rlhf.data import builtin, onpolicy
 from rlhf.data.formats import ADAPTERS
 from rlhf.data.sources import FORMAT_FIELDS
 from rlhf.ppo import functional as ppo_math
-from rlhf.stage_schemas import PIPELINE_ORDER, STAGE_SCHEMAS, PipelineStageConfig
+from rlhf.preference import DPO_LOSSES
+from rlhf.stage_schemas import DATA_SHARES, PIPELINE_ORDER, STAGE_SCHEMAS, PipelineStageConfig
 
 Need = Callable[[bool, str], None]  # records the message when the rule does not hold
 
@@ -153,7 +154,8 @@ def optimizer_rules(cfg: DictConfig, need: Need) -> None:
 
 
 def stage_rules(cfg: DictConfig, need: Need) -> None:
-    """Every stage: lengths, cadences, checkpoints, the global batch; the reward stage's on-policy kinds."""
+    """Every stage: lengths, cadences, checkpoints, the global batch; the on-policy kinds of the reward and DPO
+    stages, DPO's loss."""
     hw, stage = cfg.hardware, cfg.stage
     need(stage.name in STAGE_SCHEMAS, f"stage.name={stage.name} is not one of {sorted(STAGE_SCHEMAS)}")
     need(stage.epochs >= 1, f"stage.epochs={stage.epochs} must be >= 1")
@@ -180,10 +182,18 @@ def stage_rules(cfg: DictConfig, need: Need) -> None:
             not cfg.optimizer.offload or zero != 0,
             "optimizer.offload=true needs ZeRO >= 1: the reward stage's stage.zero_stage=0 turns it off",
         )
+    if stage.name in ("reward", "dpo"):
         unknown = [kind for kind in stage.onpolicy.kinds if kind not in onpolicy.KINDS]
         need(
             bool(stage.onpolicy.kinds) and not unknown,
             f"stage.onpolicy.kinds={list(stage.onpolicy.kinds)} must name some of {', '.join(onpolicy.KINDS)}",
+        )
+    if stage.name == "dpo":
+        need(stage.loss in DPO_LOSSES, f"stage.loss={stage.loss} must be one of {', '.join(DPO_LOSSES)}")
+        need(stage.beta > 0, f"stage.beta={stage.beta} must be > 0")
+        need(
+            0 <= stage.label_smoothing < 0.5,
+            f"stage.label_smoothing={stage.label_smoothing} must be in [0, 0.5) (the share of flipped labels)",
         )
     per_step = max(world_size(cfg) * hw.micro_batch, 1)  # a zero micro-batch has its own message above
     need(
@@ -287,10 +297,11 @@ def data_rules(cfg: DictConfig, need: Need) -> None:
                 f"data.sources[{i}].columns.{key}: not a field of format {source.format} (its fields: "
                 f"{', '.join(fields)})" + (f"; did you mean {close[0]}?" if close else ""),
             )
-        unknown_stages = [name for name in source.stages if name not in PIPELINE_ORDER]
+        unknown_stages = [name for name in source.stages if name not in DATA_SHARES]
         need(
             not unknown_stages,
-            f"data.sources[{i}].stages={list(source.stages)} must name some of {', '.join(PIPELINE_ORDER)}",
+            f"data.sources[{i}].stages={list(source.stages)} must name some of {', '.join(DATA_SHARES)} (DPO "
+            "trains on the reward share)",
         )
         split = source.split
         need(

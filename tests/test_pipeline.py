@@ -20,7 +20,7 @@ from rlhf.plan import dry_run, plan
 from rlhf.tracking import run_group
 from tests.conftest import run_cli, single_run_dir, wandb_records
 
-SHORT = ["stage.sft.max_steps=12", "stage.reward.max_steps=12", "stage.ppo.max_steps=2", "eval.gold_prompts=8"]
+SHORT = ["stage.sft.max_steps=6", "stage.reward.max_steps=6", "stage.ppo.max_steps=2", "eval.gold_prompts=8"]
 
 
 def wandb_run_records(run_dir: Path) -> list[dict]:
@@ -47,7 +47,7 @@ def quickstart_run(tmp_path_factory) -> Path:
 
 def test_a_run_prints_its_step_log_without_loading_bars_or_deepspeed_memory_reports(quickstart_run: Path) -> None:
     output = (quickstart_run.parents[2] / "cli-output.txt").read_text()
-    assert "sft step 12/12" in output and "pipeline done" in output
+    assert "sft step 6/6" in output and "pipeline done" in output
     for noise in ("Loading weights", "Writing model shards", "begin bf16_optimizer", "CPU Virtual Memory"):
         assert noise not in output
 
@@ -55,12 +55,12 @@ def test_a_run_prints_its_step_log_without_loading_bars_or_deepspeed_memory_repo
 def test_help_lists_the_options_a_user_can_choose(tmp_path: Path) -> None:
     result = run_cli(["--help"], tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("rlhf: InstructGPT-style RLHF")
-    assert "stage: pipeline, ppo, reward, sft\n" in result.stdout and "_schema" not in result.stdout
+    assert "stage: dpo, pipeline, ppo, reward, sft\n" in result.stdout and "_schema" not in result.stdout
 
 
 def test_quickstart_pipeline_runs_three_stages_in_one_group(quickstart_run: Path) -> None:
     summaries = {s: json.loads((quickstart_run / s / "summary.json").read_text()) for s in ("sft", "reward", "ppo")}
-    assert summaries["sft"]["steps"] == 12 and summaries["reward"]["steps"] == 12 and summaries["ppo"]["steps"] == 2
+    assert summaries["sft"]["steps"] == 6 and summaries["reward"]["steps"] == 6 and summaries["ppo"]["steps"] == 2
     pipeline = json.loads((quickstart_run / "pipeline.json").read_text())
     assert pipeline["outputs"] == {s: summaries[s]["output"] for s in summaries}
     # each stage fed the next: PPO's actor is the SFT output, its reward model the reward output

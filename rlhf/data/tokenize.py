@@ -83,10 +83,13 @@ def response_batch(
 
 
 def encode_pair(tokenizer, fmt: PromptFormat, prompt: Prompt, chosen: str, rejected: str, data_cfg: DictConfig) -> dict:
-    """`encode_response` of the chosen and of the rejected answer."""
+    """`encode_response` of the chosen and of the rejected answer, and how many of their tokens are the prompt's
+    (DPO's log-probs are the answers')."""
+    prompt_ids = tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     return {
         "chosen": encode_response(tokenizer, fmt, prompt, chosen, data_cfg),
         "rejected": encode_response(tokenizer, fmt, prompt, rejected, data_cfg),
+        "prompt_len": min(len(prompt_ids), data_cfg.max_prompt_len),
     }
 
 
@@ -148,6 +151,15 @@ def pad_right(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.tensor(e["labels"])
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def answer_pair_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """`pair_batch` with an `answer_mask` (1 on each row's answer tokens), for the log-probs of the answers."""
+    batch = pair_batch(pairs, pad_id)
+    starts = torch.tensor([p["prompt_len"] for p in pairs] * 2).unsqueeze(1)
+    positions = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+    batch["answer_mask"] = ((positions >= starts) & batch["attention_mask"].bool()).long()
+    return batch
 
 
 def pair_batch(pairs: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

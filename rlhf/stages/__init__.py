@@ -14,6 +14,7 @@ from rlhf import checkpoint, dist
 from rlhf.config import cache_dir, world_size
 from rlhf.plan import model_params
 from rlhf.progress import markdown_table
+from rlhf.stages.dpo import DPOTrainer
 from rlhf.stages.loop import Stage
 from rlhf.stages.ppo import PPOTrainer
 from rlhf.stages.reward import RewardTrainer
@@ -23,8 +24,8 @@ from rlhf.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
-TRAINERS: dict[str, type[Stage]] = {"sft": SFTTrainer, "reward": RewardTrainer, "ppo": PPOTrainer}
-MODEL_OPTION = {"sft": "model", "reward": "reward_model", "ppo": "model"}  # the model option a stage trains
+TRAINERS: dict[str, type[Stage]] = {"sft": SFTTrainer, "reward": RewardTrainer, "dpo": DPOTrainer, "ppo": PPOTrainer}
+MODEL_OPTION = {"sft": "model", "reward": "reward_model", "dpo": "model", "ppo": "model"}  # the option it trains
 
 
 def finished_summary(run_dir: Path, name: str) -> dict | None:

@@ -18,11 +18,12 @@ from typing import Any, Protocol
 
 from omegaconf import DictConfig
 
-from rlhf import dist, lora
+from rlhf import dist, gold, lora, models
 from rlhf.checkpoint import Checkpointer
 from rlhf.data import batch_indices, datasets
 from rlhf.guard import StepGuard
 from rlhf.progress import StepLog, eval_due, loss_figures
+from rlhf.stage_schemas import data_share
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class Recipe:
 
     def load_data(self, tokenizer) -> dict:
         """This stage's tokenised data (rlhf.data.datasets), its per-source counts recorded in the W&B summary."""
-        processed = datasets.processed(self.cfg, self.name, tokenizer)
+        processed = datasets.processed(self.cfg, data_share(self.name), tokenizer)
         self.tracker.summary({f"data/{self.name}/{source}": n for source, n in processed["counts"].items()})
         return processed
 
@@ -188,6 +189,32 @@ class Recipe:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.progress = state["step"], LoopProgress.from_state(state["progress"])
         self.guard.load_state_dict(state["guard"])
+
+    def evaluate_gold(self, when: str) -> dict[str, float]:
+        """At the start and the end (a recipe with `generation_model`, `gold_rows` and `gold_records`): the gold
+        score of the policy's greedy answers to the held-out prompts, kept under `when` in `<stage>/gold.json`; on
+        rank 0 (the others and other times: empty)."""
+        if when not in ("start", "end") or not self.gold_rows:
+            return {}
+        started = time.perf_counter()
+        record = gold.evaluate_policy(self.generation_model, self.tokenizer, self.gold_rows, self.cfg)
+        if record is None:
+            return {}
+        metrics = gold.keep(self.gold_records, when, record, self.out_dir)
+        self.progress.evals |= gold.summary_figures(metrics, "_start" if when == "start" else "")
+        took = time.perf_counter() - started
+        log.info("%s gold (%s, step %d): %s (%.0f s)", self.name, when, self.step, gold.describe(record), took)
+        return metrics
+
+    def save_policy(self, zero_stage: int) -> Path:
+        """The trained causal LM (`engine`) as a Hugging Face folder `<stage>/final`, LoRA merged, written by rank 0."""
+        state = merged_weights(self.engine, zero_stage)
+        target = self.out_dir / "final"
+        if self.rank == 0:
+            models.save_hf(self.engine.module.config, state, self.tokenizer, target, self.cfg.model.dtype)
+            log.info("%s: final model saved to %s", self.name, target)
+        dist.barrier()
+        return target
 
 
 def param_counts(model) -> dict[str, int]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from rlhf.config import cache_dir
 from rlhf.data import eval_share, plan_steps
 from rlhf.data.tokenize import IGNORE_INDEX, pad_right
 from rlhf.progress import describe_plan
-from rlhf.stages.loop import Recipe, StepOutcome, merged_weights, param_counts
+from rlhf.stages.loop import Recipe, StepOutcome, param_counts
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +71,7 @@ class SFTTrainer(Recipe):
         metrics = {"sft/eval_loss": loss}
         if when != "start":
             metrics["sft/ppl"] = math.exp(min(loss, 50.0))
-        if when in ("start", "end") and self.gold_rows:
-            started = time.perf_counter()
-            record = gold.evaluate_policy(self.generation_model, self.tokenizer, self.gold_rows, self.cfg)
-            if record is not None:  # rank 0
-                metrics |= gold.keep(self.gold_records, when, record, self.out_dir)
-                self.progress.evals |= gold.summary_figures(metrics, "_start" if when == "start" else "")
-                took = time.perf_counter() - started
-                log.info("sft gold (%s, step %d): %s (%.0f s)", when, self.step, gold.describe(record), took)
-        return metrics
+        return metrics | self.evaluate_gold(when)
 
     def figures(self) -> dict:
         eval_loss = self.progress.evals.get("eval_loss", math.nan)
@@ -116,10 +107,4 @@ class SFTTrainer(Recipe):
 
     def save(self) -> Path:
         """The final model as a Hugging Face folder, LoRA merged, written atomically by rank 0."""
-        state = merged_weights(self.engine, self.cfg.hardware.zero_stage)
-        target = self.out_dir / "final"
-        if self.rank == 0:
-            models.save_hf(self.engine.module.config, state, self.tokenizer, target, self.cfg.model.dtype)
-            log.info("sft: final model saved to %s", target)
-        dist.barrier()
-        return target
+        return self.save_policy(self.cfg.hardware.zero_stage)
