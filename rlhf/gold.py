@@ -188,6 +188,21 @@ def load(folder: Path) -> dict[str, GoldRecord]:
     return {when: GoldRecord(**record) for when, record in json.loads(path.read_text()).items()}
 
 
+def handed_over(run_dir: Path | None, init_from: str, rows: list[dict], world: int) -> GoldRecord | None:
+    """The SFT stage's final gold evaluation when the next stage starts from that stage's output in the same run
+    (`init_from` is `<run_dir>/sft/final`) and it answered the same held-out `rows` (as `world` ranks share them):
+    the next stage's start evaluation would generate the same greedy answers again."""
+    if run_dir is None or not init_from:
+        return None
+    sft_final = run_dir / "sft" / "final"
+    if Path(init_from).resolve() != sft_final.resolve():
+        return None
+    record = load(run_dir / "sft").get("end")
+    if record is None or record.prompts != [r["prompt"] for r in rows[: len(record.prompts)]]:
+        return None
+    return record if len(record.prompts) == len(rows) - len(rows) % world else None
+
+
 def held_out_rows(cfg, tokenizer) -> list[dict]:
     """The held-out gold prompts of a run (`eval.gold_prompts` of `eval.gold_split`), encoded for generation."""
     from rlhf.data import gold_rows

@@ -3,13 +3,14 @@ for the learning and resume checks, one `rlhf` run for the pipeline's sft -> dpo
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf import checkpoint, pipeline, preference
+from rlhf import checkpoint, gold, pipeline, preference
 from rlhf.compose import compose
 from rlhf.config import ConfigError, stage_config
 from rlhf.data.tokenize import answer_pair_batch
@@ -154,3 +155,43 @@ def test_a_pipeline_hands_the_sft_output_to_dpo_as_its_policy() -> None:
     named = stage_config(compose(["experiment=tiny", "stage.stages=[sft,dpo]", "stage.dpo.init_from=/mine"]), "dpo")
     pipeline.hand_over(named, {"sft": "/run/sft/final"})
     assert named.stage.init_from == "/mine"  # a policy the config names is kept
+
+
+def test_dpo_after_sft_in_one_run_takes_the_sft_stages_final_gold_evaluation(
+    tmp_path: Path, dist_process_group, monkeypatch
+) -> None:
+    trainer = dpo_trainer(tmp_path, "stage.max_steps=1", "stage.global_batch=4")
+    trainer.gold_rows = [{"prompt": f"q{i}", "family": "arithmetic"} for i in range(4)]
+    sft_final = tmp_path / "sft" / "final"
+    sft_final.mkdir(parents=True)
+    record = gold.GoldRecord([f"q{i}" for i in range(4)], ["arithmetic"] * 4, [1.0, 0.0, 0.0, 1.0], ["a"] * 4)
+    gold.save(tmp_path / "sft", {"end": record})
+    answered = []
+    monkeypatch.setattr(gold, "evaluate_policy", lambda *args: answered.append(args))
+
+    assert gold.handed_over(tmp_path, str(tmp_path / "elsewhere"), trainer.gold_rows, 1) is None
+    assert gold.handed_over(tmp_path, str(sft_final), trainer.gold_rows[:3], 1) is None  # other prompts
+    assert gold.handed_over(tmp_path, str(sft_final), trainer.gold_rows, 3) is None  # shared otherwise by 3 ranks
+    trainer.cfg.stage.init_from = str(sft_final)
+    figures = trainer.evaluate_gold("start")
+    assert figures["eval/gold_score"] == 0.5 and not answered  # the SFT stage's record, no answers generated
+    assert gold.load(trainer.out_dir)["start"] == record
+    trainer.evaluate_gold("end")
+    assert len(answered) == 1  # the end is this stage's own model: answered
+
+
+def test_onpolicy_dpo_trains_on_pairs_of_the_policys_own_graded_answers(tmp_path: Path, dist_process_group) -> None:
+    onpolicy = ["samples_per_prompt=2", "train_prompts=12", "eval_prompts=6", "max_new_tokens=8", "static_fraction=0.5"]
+    overrides = ["experiment=tiny", "stage=dpo", "logger=none", "eval.gold_prompts=0", "stage.max_steps=2"]
+    cfg = compose([*overrides, *(f"stage.onpolicy.{setting}" for setting in onpolicy)])
+    trainer = DPOTrainer(cfg, tmp_path, Tracker(cfg, "dpo", tmp_path))
+    trainer.setup()
+    saved = json.loads((tmp_path / "dpo" / "onpolicy_pairs.json").read_text())
+    # a random tiny policy answers nothing right: each pair is the data's right answer against one of its own
+    assert {p["kind"] for p in saved["train"] + saved["eval"]} == {"reference"} and saved["eval"]
+    kinds = [p["kind"] for p in trainer.train_pairs]
+    assert kinds.count("reference") == len(saved["train"]) == kinds.count("data")  # static_fraction 0.5: as many
+    assert [p["kind"] for p in trainer.eval_pairs] == ["reference"] * len(saved["eval"])
+    assert all(p["prompt_len"] > 0 for p in trainer.train_pairs) and all("ref_logps" in p for p in trainer.eval_share())
+    figures = trainer.train()
+    assert trainer.step == 2 and math.isfinite(figures["last_loss_mean"])

@@ -193,11 +193,19 @@ class Recipe:
     def evaluate_gold(self, when: str) -> dict[str, float]:
         """At the start and the end (a recipe with `generation_model`, `gold_rows` and `gold_records`): the gold
         score of the policy's greedy answers to the held-out prompts, kept under `when` in `<stage>/gold.json`; on
-        rank 0 (the others and other times: empty)."""
+        rank 0 (the others and other times: empty). A start from the SFT stage's output of the same run takes that
+        stage's final evaluation instead of answering again."""
         if when not in ("start", "end") or not self.gold_rows:
             return {}
         started = time.perf_counter()
-        record = gold.evaluate_policy(self.generation_model, self.tokenizer, self.gold_rows, self.cfg)
+        handed = None
+        if when == "start":
+            handed = gold.handed_over(self.run_dir, self.cfg.stage.init_from, self.gold_rows, self.world)
+        if handed is not None:
+            log.info("%s gold (start): the SFT stage's final evaluation of this model", self.name)
+            record = handed if self.rank == 0 else None
+        else:
+            record = gold.evaluate_policy(self.generation_model, self.tokenizer, self.gold_rows, self.cfg)
         if record is None:
             return {}
         metrics = gold.keep(self.gold_records, when, record, self.out_dir)

@@ -73,7 +73,7 @@ class PPOTrainer(Recipe):
         self.prompts, self.dropped = data["train"], data["dropped"]
         self.gold_rows = gold.held_out_rows(cfg, self.tokenizer)
         self.gold_records = gold.load(self.out_dir) if self.out_dir else {}
-        self.sft_record = self._sft_final_record()
+        self.sft_record = gold.handed_over(self.run_dir, self.cfg.stage.init_from, self.gold_rows, self.world)
         self.tracker.summary({"data/ppo/dropped_too_long": self.dropped})
         self.ptx_blocks = data["ptx"] if stage.ptx_coef > 0 else []
         if stage.ptx_coef > 0 and not self.ptx_blocks:
@@ -99,19 +99,6 @@ class PPOTrainer(Recipe):
             stage.samples_per_prompt,
             self.world,
         )
-
-    def _sft_final_record(self) -> gold.GoldRecord | None:
-        """The SFT stage's final gold evaluation when this actor is that stage's output in the same run and it
-        answered the same held-out prompts (then PPO's start evaluation need not generate them again)."""
-        if self.run_dir is None or not self.cfg.stage.init_from:
-            return None
-        sft_final = self.run_dir / "sft" / "final"
-        if Path(self.cfg.stage.init_from).resolve() != sft_final.resolve():
-            return None
-        record = gold.load(self.run_dir / "sft").get("end")
-        if record is None or record.prompts != [r["prompt"] for r in self.gold_rows[: len(record.prompts)]]:
-            return None
-        return record if len(record.prompts) == len(self.gold_rows) - len(self.gold_rows) % self.world else None
 
     def prompt_batch(self, step: int) -> list[dict]:
         """This rank's prompts ({prompt, input_ids}) for iteration `step`, each `samples_per_prompt` times in a

@@ -48,7 +48,7 @@ def with_onpolicy_pairs(
     static_only = op.static_fraction >= 1
     if not evaluation or not (train or static_only):
         raise DataError(
-            f"on-policy reward pairs: {len(train)} training and {len(evaluation)} held-out pairs from the policy's "
+            f"on-policy pairs: {len(train)} training and {len(evaluation)} held-out pairs from the policy's "
             "answers; the policy needs right and wrong answers (more prompts or samples, or a higher temperature)"
         )
     static = [p for p in train_pairs if p["builtin"]]
@@ -61,7 +61,7 @@ def with_onpolicy_pairs(
     counts = {f"onpolicy_{k}": n for k, n in onpolicy.kind_counts(sampled["train"]).items()}
     counts |= {f"onpolicy_eval_{k}": n for k, n in onpolicy.kind_counts(sampled["eval"]).items()}
     log.info(
-        "reward: on-policy pairs, train %s + %d static, held-out %s",
+        "on-policy pairs, train %s + %d static, held-out %s",
         onpolicy.kind_counts(sampled["train"]),
         min(n_static, len(static)),
         onpolicy.kind_counts(sampled["eval"]),
@@ -78,7 +78,7 @@ def onpolicy_rows(cfg: DictConfig, out_dir: Path) -> dict[str, list[dict]]:
         return json.loads(path.read_text())
     cache = cache_dir(cfg) / "data" / f"onpolicy-{onpolicy_key(cfg)}.json"
     if cache.is_file() and not cfg.data.rebuild:
-        log.info("reward: on-policy pairs from the data cache: %s", cache)
+        log.info("on-policy pairs from the data cache: %s", cache)
         pairs = json.loads(cache.read_text())
     else:
         pairs = sample_onpolicy(cfg)
@@ -160,5 +160,5 @@ def sample_onpolicy(cfg: DictConfig) -> dict[str, list[dict]]:
             )
         ]
         out[split] = [p for share in dist.all_gather_objects(pairs) for p in share]
-    log.info("reward: on-policy pairs sampled in %.0f s", time.perf_counter() - started)
+    log.info("on-policy pairs sampled in %.0f s", time.perf_counter() - started)
     return out
