@@ -10,6 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:  # pytest -n: the cores shared among the workers, not each worker's threads on every core
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -34,7 +34,7 @@ def finish(nodes: list[subprocess.Popen], tmp_path: Path, round_: str) -> tuple[
     return codes, logs
 
 
-def test_two_nodes_without_ssh_run_zero3_ppo_stop_together_and_resume(tmp_path: Path, tiny_reward: Path) -> None:  # noqa: F811
+def test_two_nodes_without_ssh_run_zero3_grpo_stop_together_and_resume(tmp_path: Path, tiny_reward: Path) -> None:  # noqa: F811
     run_dir = tmp_path / "run"
     args = [
         *PPO_SMALL,
@@ -43,6 +43,10 @@ def test_two_nodes_without_ssh_run_zero3_ppo_stop_together_and_resume(tmp_path: 
         f"hardware.master_port={dist.free_port()}",
         "hardware.zero_stage=3",
         "hardware.threads_per_proc=1",
+        "stage.advantage=grpo",  # a group estimator across ranks: each prompt's samples on one rank
+        "stage.samples_per_prompt=2",
+        "stage.kl_in_loss=true",
+        "stage.kl_estimator=k3",
         "stage.max_steps=3",
         "stage.checkpoint_interval=1",
         "eval.gold_prompts=4",
@@ -62,6 +66,7 @@ def test_two_nodes_without_ssh_run_zero3_ppo_stop_together_and_resume(tmp_path: 
     latest = checkpoint.latest(checkpoint.stage_folder(run_dir, "ppo"))
     manifest = checkpoint.read_manifest(latest)
     assert {"rng/rank0.pt", "rng/rank1.pt"} <= set(manifest["files"]) and manifest["step"] < 3
+    assert not [f for f in manifest["files"] if f.startswith("critic")]  # GRPO trains and saves no critic
     assert not (run_dir / "ppo" / "final").exists()
 
     nodes = start_nodes([*args, "resume=auto"], tmp_path, "resumed")
