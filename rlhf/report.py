@@ -4,6 +4,10 @@ with their 95% intervals), with the settings that differ between the runs.
 
     rlhf-report outputs/multirun/<date>/<time>-scaling-cpu            a sweep (every job under it)
     rlhf-report outputs/<run-a> outputs/<run-b> --out reports/ab      any runs, side by side
+    rlhf-report --wandb outputs/multirun/<date>/<time>-scaling-cpu    and save its W&B dashboard (a workspace)
+
+The W&B dashboard's spec (wandb_workspace.json: the runs' groups and the panels) is always written beside the report;
+--wandb saves it to the W&B project as a workspace (runs logged offline: `wandb sync` them first).
 
 Dry runs under the folders (plan.json) are set beside DeepSpeed-Chat's published step-3 hours and dollars for the same
 model and hardware (plans.md; `rlhf -m +sweep=dschat-tables` plans every cell of its tables).
@@ -17,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from rlhf import dashboard, tracking
 from rlhf.progress import markdown_table
 
 STAGES = ("sft", "reward", "dpo", "ppo")
@@ -268,7 +273,8 @@ def plot_learning(rows: list[dict], out: Path) -> list[Path]:
 
 def write_report(paths: list[Path], out: Path) -> list[dict]:
     """Read the runs under `paths` and write report.md, report.csv and the plots to `out`; return the rows."""
-    rows = sorted((row_of(p) for p in find_summaries(paths)), key=sort_key)
+    summaries = find_summaries(paths)
+    rows = sorted((row_of(p) for p in summaries), key=sort_key)
     plans = plan_rows(paths)
     if not rows and not plans:
         raise FileNotFoundError(
@@ -294,6 +300,9 @@ def write_report(paths: list[Path], out: Path) -> list[dict]:
     shown = [{k: v for k, v in row.items() if k != "run"} | {"run": Path(str(row["run"])).name} for row in rows]
     images = "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
     (out / "report.md").write_text(f"# Runs compared\n\n{markdown_table(shown)}\n\n{images}\n")
+    if dashboard.run_folders(summaries):
+        title = "rlhf: " + ", ".join(p.resolve().name for p in paths)
+        dashboard.write_spec(dashboard.workspace_spec(summaries, title), out)
     return rows
 
 
@@ -303,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("paths", nargs="+", type=Path, help="run or sweep folders")
     parser.add_argument("--out", type=Path, help="where to write (default: the folder given, or ./report)")
+    parser.add_argument("--wandb", action="store_true", help="save the runs' W&B dashboard to W&B (needs a key)")
     args = parser.parse_args(argv)
+    if args.wandb and not tracking.api_key_configured():
+        print("rlhf-report --wandb: no W&B key (set WANDB_API_KEY or run `wandb login`)", file=sys.stderr)
+        return 2
     missing = [str(p) for p in args.paths if not p.is_dir()]
     if missing:
         print(f"rlhf-report: not a folder: {', '.join(missing)}", file=sys.stderr)
@@ -316,7 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print((out / "report.md").read_text().split("\n\n![")[0])
     written = [str(p) for p in (out / "report.md", out / "report.csv", out / "plans.md") if p.is_file()]
+    written += [str(out / dashboard.SPEC_FILE)] if (out / dashboard.SPEC_FILE).is_file() else []
     print(f"\n{len(rows)} rows; written: {', '.join(written)} (plots beside them)")
+    if args.wandb:
+        if not (out / dashboard.SPEC_FILE).is_file():
+            print("rlhf-report --wandb: no W&B runs under these folders (dry runs only)", file=sys.stderr)
+            return 2
+        print(f"W&B dashboard: {dashboard.publish(json.loads((out / dashboard.SPEC_FILE).read_text()))}")
     return 0
 
 

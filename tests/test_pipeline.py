@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 
-from rlhf import pipeline
+from rlhf import dashboard, pipeline, report
 from rlhf.chat import Chat, interactive, resolve_model_dir
 from rlhf.compose import compose
 from rlhf.pipeline import result_text
@@ -89,6 +90,62 @@ def test_quickstart_pipeline_runs_three_stages_in_one_group(quickstart_run: Path
     for run in runs:
         assert config_value(run, "hardware.world_size") == 1
         assert config_value(run, "model.params_m") > 0
+
+
+def logged_by_stage(run_dir: Path) -> dict[str, dict]:
+    """What each stage's offline W&B run holds: its history keys, summary keys and run record (config)."""
+    logged = {}
+    for folder in sorted(run_dir.rglob("offline-run-*")):
+        records = wandb_records(folder)
+        run = next(r["run"] for r in records if r.get("type") == "run")
+        history = set().union(*(r["history"]["item"] for r in records if r.get("type") == "history"))
+        summary = set().union(*(r["summary"].get("update", {}) for r in records if r.get("type") == "summary"))
+        logged[run["job_type"]] = {"history": history, "summary": summary, "run": run}
+    return logged
+
+
+def test_the_report_writes_a_w_and_b_dashboard_whose_panels_plot_what_the_runs_logged(
+    quickstart_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    assert report.main([str(quickstart_run), "--out", str(tmp_path / "report")]) == 0
+    spec = json.loads((tmp_path / "report" / dashboard.SPEC_FILE).read_text())
+    assert spec["project"] == "rlhf" and spec["groups"] == [run_group(quickstart_run)]
+    panels = {section["name"]: section["panels"] for section in spec["sections"]}
+    assert list(panels) == ["Learning", "Scaling", "Runs side by side", "Sample responses"]
+    logged = logged_by_stage(quickstart_run)
+    for panel in panels["Learning"]:  # every curve's keys are logged per step by some stage
+        assert any(set(panel["y"]) <= stage["history"] for stage in logged.values()), panel
+    learning = {key for panel in panels["Learning"] for key in panel["y"]}
+    assert {"ppo/reward_mean", "ppo/kl", "eval/gold_score", "sft/loss", "reward/acc"} <= learning
+    assert len(panels["Scaling"]) == 3 * 3 * 2  # 3 stages x (wall time, samples/s, tokens/s) x (size, world size)
+    for panel in panels["Scaling"]:
+        stage, key = panel["y"].removeprefix("summary:").split("/")
+        assert f"{stage}/{key}" in logged[stage]["summary"], panel
+        assert config_value(logged[stage]["run"], panel["x"].removeprefix("config:")) > 0
+    assert panels["Sample responses"] == [{"kind": "table", "title": "ppo samples", "key": "ppo/samples"}]
+    assert any(key.startswith("ppo/samples.") for key in logged["ppo"]["history"])
+
+    import wandb
+    import wandb_workspaces.workspaces as ws
+
+    assert report.main([str(quickstart_run), "--out", str(tmp_path / "report"), "--wandb"]) == 2  # no key
+    saved = []
+    monkeypatch.setenv("WANDB_API_KEY", "local-0123456789abcdef0123456789abcdef01234567")
+    monkeypatch.setattr(
+        wandb, "Api", lambda: SimpleNamespace(default_entity="me", client=SimpleNamespace(app_url="https://w.b"))
+    )
+    monkeypatch.setattr(
+        ws.internal,
+        "upsert_view2",
+        lambda view: saved.append(view) or {"upsertView": {"view": {"name": "v1", "id": "1"}}},
+    )
+    assert report.main([str(quickstart_run), "--out", str(tmp_path / "report"), "--wandb"]) == 0
+    (view,) = saved  # the workspace sent: the spec's sections and panels, in the user's default entity
+    assert (view.entity, view.project, view.display_name) == ("me", "rlhf", spec["name"])
+    sections = view.spec.section.panel_bank_config.sections
+    assert [s.name for s in sections] == list(panels) and [len(s.panels) for s in sections] == [
+        len(p) for p in panels.values()
+    ]
 
 
 def test_chat_answers_with_the_final_model(quickstart_run: Path) -> None:
@@ -241,6 +298,8 @@ def test_cpu_scaling_sweep_gives_a_run_per_job_and_a_report(sweep_name: str, tmp
         assert len({r["eval_tokens"] for r in rows if r["model"] == model}) == 1
     for png in ("scaling_model_size.png", "scaling_world_size.png"):
         assert (tmp_path / "report" / png).stat().st_size > 10_000
+    spec = json.loads((tmp_path / "report" / dashboard.SPEC_FILE).read_text())
+    assert spec["groups"] == [run_group(sweep)]  # the dashboard shows the sweep's jobs
 
 
 def same_value(got, written: str) -> bool:
