@@ -129,7 +129,7 @@ def build_workspace(spec: dict, entity: str):
         project=spec["project"],
         name=spec["name"],
         sections=sections,
-        runset_settings=ws.RunsetSettings(filters=[ws.Metric("Group").isin(spec["groups"])]),
+        runset_settings=ws.RunsetSettings(filters=ws.And(ws.Metric("Group").isin(spec["groups"]))),
     )
 
 
