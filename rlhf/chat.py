@@ -1,4 +1,5 @@
-"""`rlhf-chat`: talk to a trained actor (an SFT or PPO output, or any causal-LM folder), tokens shown as they come.
+"""`rlhf-chat`: talk to a trained actor (an SFT or PPO output, any causal-LM folder, or a LoRA adapter folder in peft's
+format on its base model), tokens shown as they come.
 
     rlhf-chat outputs/<run>/ppo/final                  interactive: multi-turn, `clear` forgets, `quit` leaves
     rlhf-chat outputs/<run> --prompt "What is 2 + 3?"  one answer on stdout (a run folder picks its last actor)
@@ -28,10 +29,15 @@ class ChatError(ValueError):
 
 
 def resolve_model_dir(path: Path) -> Path:
-    """The actor folder to load: `path` itself, or in a run folder its PPO output, else its SFT output."""
+    """The actor folder to load: `path` itself (a model or an adapter folder), or in a run folder its PPO output,
+    else its SFT output."""
+    from rlhf.lora import is_adapter
+
     path = path.expanduser()
     if not path.exists():
         raise ChatError(f"{path} does not exist")
+    if is_adapter(path):
+        return path
     if not (path / "config.json").is_file():
         for sub in ACTOR_FOLDERS:
             if (path / sub / "config.json").is_file():
@@ -50,10 +56,16 @@ class Chat:
     def __init__(self, model_dir: Path, template: str = "auto", system: str = "", **sampling) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from rlhf.models import from_pretrained
+        from rlhf import lora
+        from rlhf.models import adapter_base, from_pretrained, merged_adapter
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = from_pretrained(AutoModelForCausalLM, model_dir, "the model").eval()
+        adapter = lora.is_adapter(model_dir)
+        base = adapter_base(model_dir, "rlhf-chat") if adapter else model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.model = from_pretrained(AutoModelForCausalLM, base, "the model")
+        if adapter:
+            self.model = merged_adapter(self.model, model_dir)
+        self.model.eval()
         self.format = PromptFormat.for_tokenizer(self.tokenizer, DataConfig(name="chat", template=template))
         self.system = system
         self.sampling = sampling
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rlhf-chat", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("model", type=Path, help="an SFT/PPO output folder, a run folder, or a causal-LM folder")
+    parser.add_argument("model", type=Path, help="an SFT/PPO output, a run folder, a causal LM or a LoRA adapter")
     parser.add_argument("--prompt", help="answer this one message and exit (else stdin lines, else interactive)")
     parser.add_argument("--temperature", type=float, default=0.7, help="0 decodes greedily")
     parser.add_argument("--top-p", type=float, default=0.9)

@@ -57,15 +57,6 @@ def unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _weight(module: torch.nn.Module) -> torch.Tensor:
-    """A Linear's weight, or a LoRA-wrapped one's base weight once the update is merged into it."""
-    if isinstance(module, lora.LoRALinear):
-        if not module.merged:
-            raise ValueError("the decoder needs LoRA merged into the base weights (see lora.merged_lora)")
-        return module.base.weight
-    return module.weight
-
-
 class LlamaDecoder:
     """The model's weights fused and packed, and a KV cache for `batch` rows of up to `max_len` positions."""
 
@@ -78,23 +69,24 @@ class LlamaDecoder:
         self.embed = inner.embed_tokens.weight.detach()
         self.dtype, self.device = self.embed.dtype, self.embed.device
         self.layers = []
+        weight = lora.base_weight  # a LoRA layer's merged base weight, else the Linear's
         with torch.no_grad():
             for layer in inner.layers:
                 attn, mlp = layer.self_attn, layer.mlp
-                qkv = torch.cat([_weight(attn.q_proj), _weight(attn.k_proj), _weight(attn.v_proj)])
-                gate_up = torch.cat([_weight(mlp.gate_proj), _weight(mlp.up_proj)])
+                qkv = torch.cat([weight(attn.q_proj), weight(attn.k_proj), weight(attn.v_proj)])
+                gate_up = torch.cat([weight(mlp.gate_proj), weight(mlp.up_proj)])
                 self.layers.append(
                     (
                         layer.input_layernorm.weight.detach(),
                         packed_linear(qkv, batch),
-                        packed_linear(_weight(attn.o_proj), batch),
+                        packed_linear(weight(attn.o_proj), batch),
                         layer.post_attention_layernorm.weight.detach(),
                         packed_linear(gate_up, batch),
-                        packed_linear(_weight(mlp.down_proj), batch),
+                        packed_linear(weight(mlp.down_proj), batch),
                     )
                 )
         self.norm = inner.norm.weight.detach()
-        self.head = packed_linear(_weight(model.lm_head), batch)
+        self.head = packed_linear(weight(model.lm_head), batch)
         rope = getattr(config, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         half = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=self.device).float() / self.head_dim

@@ -1,94 +1,137 @@
-"""LoRA written here (peft is not yet used): a frozen Linear plus a trainable low-rank update, wrapping named
-modules, merging the update back for generation and for saving in Hugging Face format."""
+"""LoRA through peft: `model.lora.*` mapped onto peft's LoraConfig and injected in place (the model keeps its own
+class and module names), folded into the base weights for generation and for saving in Hugging Face format, and the
+adapter saved in peft's format, loadable with `PeftModel.from_pretrained`."""
 
 from __future__ import annotations
 
-import math
+import copy
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from peft import LoraConfig, PeftModel, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
+ADAPTER = "default"  # peft's name for the one adapter a model carries
+ADAPTER_DIR = "adapter"  # beside the merged model: <stage>/final/adapter
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # how PeftModel names the wrapped model's parameters in a saved adapter
 
-class LoRALinear(nn.Module):
-    """A frozen Linear plus a trainable low-rank update: y = W x + (alpha / r) * B A x."""
 
-    def __init__(self, base: nn.Linear, dim: int, alpha: float, dropout: float) -> None:
-        super().__init__()
-        self.base = base
-        self.scaling = alpha / dim
-        self.lora_a = nn.Parameter(torch.empty(dim, base.in_features, dtype=base.weight.dtype))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, dim, dtype=base.weight.dtype))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False  # the update folded into base.weight (for generation): forward skips the low-rank path
-        base.weight.requires_grad_(False)
-        if base.bias is not None:
-            base.bias.requires_grad_(False)
+def target_names(model: nn.Module, substrings: list[str]) -> list[str]:
+    """peft's `target_modules` for our substrings of Linear module names: the Linears' leaf names (q_proj, ...) when
+    those pick exactly the same Linears, else their full names (peft matches a name exactly or as a suffix)."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    chosen = [name for name in linears if any(s in name for s in substrings)]
+    leaves = sorted({name.rpartition(".")[2] for name in chosen})
+    same_by_leaf = [name for name in linears if name.rpartition(".")[2] in leaves] == chosen
+    return leaves if same_by_leaf else chosen
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base(x)
-        return self.base(x) + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scaling
+
+def apply_lora(model: nn.Module, lora_cfg: DictConfig) -> int:
+    """Inject LoRA into every Linear whose name contains a target substring; return how many (0 when none matches:
+    the caller says what that means for its model option). The wrapped Linears' own weights are frozen; the rest
+    train unless `only_optimize_lora`."""
+    if lora_cfg.dim <= 0:
+        return 0
+    targets = target_names(model, list(lora_cfg.target_modules))
+    if not targets:
+        return 0
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
+    config = LoraConfig(
+        r=lora_cfg.dim, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout, target_modules=targets
+    )
+    inject_adapter_in_model(config, model, ADAPTER)
+    if not lora_cfg.only_optimize_lora:  # peft freezes all but the adapters: give the rest back what it had
+        for name, param in model.named_parameters():
+            if ".lora_" not in name and ".base_layer." not in name:
+                param.requires_grad_(trainable[name])
+    return len(lora_layers(model))
+
+
+def lora_layers(model: nn.Module) -> list[LoraLayer]:
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear's weight, or a LoRA layer's base weight once the update is merged into it (the decoder packs it)."""
+    if isinstance(module, LoraLayer):
+        if not module.merged:
+            raise ValueError("the decoder needs LoRA merged into the base weights (see lora.merged_lora)")
+        return module.get_base_layer().weight
+    return module.weight
 
 
 @contextmanager
-def merged_lora(model: torch.nn.Module) -> Iterator[None]:
-    """Fold each LoRA update into its base weight for the duration (generation then runs plain Linears) and put
-    the original weights back afterwards."""
-    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    saved = []
+def merged_lora(model: nn.Module) -> Iterator[None]:
+    """Fold each LoRA update into its base weight for the duration (generation then runs the base Linears) and put
+    the original weights back afterwards, bit for bit: peft's unmerge subtracts the update again, which in bf16
+    would drift a little at every rollout."""
+    layers = lora_layers(model)
+    saved = [layer.get_base_layer().weight.detach().clone() for layer in layers]
     with torch.no_grad():
-        for m in wrapped:
-            saved.append(m.base.weight.data.clone())
-            m.base.weight.data += (m.lora_b @ m.lora_a).to(m.base.weight.dtype) * m.scaling
-            m.merged = True
+        for layer in layers:
+            layer.merge(adapter_names=[ADAPTER])
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, weight in zip(wrapped, saved, strict=True):
-                m.base.weight.data.copy_(weight)
-                m.merged = False
+            for layer, weight in zip(layers, saved, strict=True):
+                layer.unmerge()
+                layer.get_base_layer().weight.copy_(weight)
 
 
-def apply_lora(model: nn.Module, lora_cfg: DictConfig) -> int:
-    """Wrap every Linear whose name contains a target substring; return how many were wrapped (0 when none
-    matches: the caller says what that means for its model option)."""
-    if lora_cfg.dim <= 0:
-        return 0
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(t in name for t in lora_cfg.target_modules)
-    ]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(getattr(parent, child), lora_cfg.dim, lora_cfg.alpha, lora_cfg.dropout))
-    if lora_cfg.only_optimize_lora:
-        for name, param in model.named_parameters():
-            param.requires_grad_("lora_" in name)
-    return len(targets)
+def lora_scalings(model: nn.Module) -> dict[str, float]:
+    """Each LoRA layer's module name -> alpha / rank."""
+    return {name: m.scaling[ADAPTER] for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
 def merge_lora_state_dict(state: dict[str, torch.Tensor], scalings: dict[str, float]) -> dict[str, torch.Tensor]:
-    """A plain state dict from one with LoRA entries: W + scaling * B A folded into each wrapped Linear's weight.
-
-    `scalings` maps each LoRALinear's module name to its alpha / dim. Works on gathered (full) tensors, so it serves
-    every ZeRO stage alike.
-    """
+    """A plain state dict from one with LoRA entries: W + scaling * B A folded into each LoRA layer's base weight,
+    under the Linear's own name. `scalings` from `lora_scalings`. Works on gathered (full) tensors, so it serves
+    every ZeRO stage alike."""
     merged = {k: v for k, v in state.items() if ".lora_" not in k}
     for prefix, scaling in scalings.items():
-        for key in [k for k in merged if k.startswith(f"{prefix}.base.")]:
-            merged[f"{prefix}.{key[len(prefix) + 6 :]}"] = merged.pop(key)
+        base = f"{prefix}.base_layer."
+        for key in [k for k in merged if k.startswith(base)]:
+            merged[f"{prefix}.{key[len(base) :]}"] = merged.pop(key)
         weight = merged[f"{prefix}.weight"]
-        delta = state[f"{prefix}.lora_b"].float() @ state[f"{prefix}.lora_a"].float()
+        delta = state[f"{prefix}.lora_B.{ADAPTER}.weight"].float() @ state[f"{prefix}.lora_A.{ADAPTER}.weight"].float()
         merged[f"{prefix}.weight"] = (weight.float() + scaling * delta).to(weight.dtype)
     return merged
 
 
-def lora_scalings(model: nn.Module) -> dict[str, float]:
-    return {name: m.scaling for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+def save_adapter(state: dict[str, torch.Tensor], model: nn.Module, base: str, folder: Path) -> None:
+    """The adapter in peft's format (`adapter_config.json`, `adapter_model.safetensors`) from a full state dict of
+    `model`; `base` is the model folder or hub id it applies to."""
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config[ADAPTER])
+    config.base_model_name_or_path, config.task_type = base, "CAUSAL_LM"
+    weights = {
+        PEFT_PREFIX + name.replace(f".{ADAPTER}.", "."): value.contiguous()
+        for name, value in state.items()
+        if ".lora_" in name
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file(weights, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The model folder or hub id a saved adapter applies to (its `base_model_name_or_path`)."""
+    return json.loads((Path(folder).expanduser() / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+
+
+def merge_saved_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """`model` (the adapter's base) with a saved adapter loaded through peft and merged in: a plain model again."""
+    return PeftModel.from_pretrained(model, str(Path(folder).expanduser())).merge_and_unload()

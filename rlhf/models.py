@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -181,10 +181,14 @@ def refuse_wrong_model_kind(folder: str | Path, needed: str, key: str = "") -> N
 
 
 def load_causal_lm(model_cfg: DictConfig, tokenizer, seed: int, init_from: str = "", root: Path | None = None):
-    """The causal LM of a model option in fp32 (training keeps fp32 master weights), or from `init_from`."""
+    """The causal LM of a model option in fp32 (training keeps fp32 master weights), or from `init_from`: a model
+    folder, or a LoRA adapter folder in peft's format (loaded onto the base it names and merged)."""
+    adapter = ""
     if init_from:
         location = init_from
-        if not (Path(location) / "config.json").is_file():
+        if lora.is_adapter(init_from):
+            adapter, location = init_from, adapter_base(init_from, "stage.init_from")
+        elif not (Path(location) / "config.json").is_file():
             raise ModelError(f"stage.init_from={init_from}: no Hugging Face model there (config.json not found)")
         refuse_wrong_model_kind(location, "language model", "stage.init_from")
     elif model_cfg.source == Source.tiny:
@@ -201,9 +205,31 @@ def load_causal_lm(model_cfg: DictConfig, tokenizer, seed: int, init_from: str =
         trust_remote_code=model_cfg.trust_remote_code,
         allow_pickle=model_cfg.allow_pickle,
     )
+    if adapter:
+        model = merged_adapter(model, adapter)
     if model.config.vocab_size < len(tokenizer):
         model.resize_token_embeddings(int(8 * math.ceil(len(tokenizer) / 8.0)))
     return model
+
+
+def adapter_base(folder: str | Path, key: str) -> str:
+    """The base model a saved LoRA adapter names (a folder or a hub id); a ModelError when it names none, or a
+    local path that holds no model."""
+    base = lora.adapter_base(folder)
+    if not base:
+        raise ModelError(f"{key}={folder} is a LoRA adapter that names no base model (base_model_name_or_path)")
+    looks_local = base.startswith(("/", ".", "~")) or Path(base).expanduser().exists()
+    if looks_local and not (Path(base).expanduser() / "config.json").is_file():
+        raise ModelError(f"{key}={folder} is a LoRA adapter for {base}, which holds no model (config.json not found)")
+    return base
+
+
+def merged_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """A saved adapter loaded onto its base `model` through peft and merged in (a ModelError if it does not fit)."""
+    try:
+        return lora.merge_saved_adapter(model, folder)
+    except Exception as err:  # peft raises several types for adapters that do not fit the model
+        raise ModelError(f"cannot apply the LoRA adapter {folder}: {type(err).__name__}: {err}") from err
 
 
 QUIET_BELOW_BYTES = 2 * 1024**3  # transformers' loading and saving bars are shown for models at least this large
@@ -232,10 +258,10 @@ def save_hf(
     target: Path,
     dtype: DType,
     auto_class=AutoModelForCausalLM,
-    extra_files: dict[str, str] | None = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a Hugging Face model folder atomically: into a temporary name, then renamed over `target`.
-    `extra_files` (name -> text) are written into the folder before the rename."""
+    `add_files` writes more into the folder (given its temporary path) before the rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -248,8 +274,8 @@ def save_hf(
     with progress_bars_only_if_slow(sum(v.numel() * v.element_size() for v in state_dict.values())):
         skeleton.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
+    if add_files is not None:
+        add_files(tmp)
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -393,8 +419,11 @@ def save_reward_model(model: RewardModel, state_dict: dict, tokenizer, target: P
     config = copy.deepcopy(model.config)
     config.num_labels = 1
     config.pad_token_id = tokenizer.pad_token_id
-    extra = {REWARD_STATS: json.dumps(stats, indent=2)}
-    return save_hf(config, state_dict, tokenizer, target, dtype, AutoModelForSequenceClassification, extra)
+
+    def add_stats(folder: Path) -> None:
+        (folder / REWARD_STATS).write_text(json.dumps(stats, indent=2))
+
+    return save_hf(config, state_dict, tokenizer, target, dtype, AutoModelForSequenceClassification, add_stats)
 
 
 def reward_stats(path: str | Path) -> dict:

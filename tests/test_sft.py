@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf import models
+from rlhf.chat import Chat, resolve_model_dir
 from rlhf.compose import compose
+from rlhf.config import DType
 from rlhf.data import eval_share
-from rlhf.lora import LoRALinear
 from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
 from tests.conftest import read_summary, run_cli, single_run_dir
@@ -74,12 +78,16 @@ def test_sft_tiny_loss_falls_saves_and_logs_to_wandb(tmp_path: Path) -> None:
 
 @pytest.fixture
 def lora_trainer(tmp_path: Path, dist_process_group) -> SFTTrainer:
+    """LoRA SFT of the tiny model, started from a saved copy of it (an adapter needs a base folder to name)."""
+    overrides = ["experiment=tiny", "stage=sft", "logger=none", "stage.max_steps=4"]
+    base_cfg = compose(overrides)
+    tokenizer = models.load_tokenizer(base_cfg.model)
+    base = models.load_causal_lm(base_cfg.model, tokenizer, base_cfg.seed)
+    models.save_hf(base.config, base.state_dict(), tokenizer, tmp_path / "base", DType.fp32)
     cfg = compose(
         [
-            "experiment=tiny",
-            "stage=sft",
-            "logger=none",
-            "stage.max_steps=4",
+            *overrides,
+            f"stage.init_from={tmp_path / 'base'}",
             "model.lora.dim=8",
             "model.lora.target_modules=[q_proj,v_proj,mlp.]",
             "model.lora.only_optimize_lora=true",
@@ -90,23 +98,53 @@ def lora_trainer(tmp_path: Path, dist_process_group) -> SFTTrainer:
     return trainer
 
 
-def test_lora_sft_trains_only_lora_and_merged_model_matches(lora_trainer: SFTTrainer) -> None:
+def test_lora_sft_trains_only_lora_and_saves_the_merged_model_and_a_peft_adapter(
+    lora_trainer: SFTTrainer, tmp_path: Path
+) -> None:
     module = lora_trainer.engine.module
+    assert module.peft_config["default"].target_modules == {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"}
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     lora_trainer.train()
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)
-    assert {n for n in before if ".lora_b" in n} <= changed
+    assert {n for n in before if ".lora_B" in n} <= changed
 
     final = lora_trainer.save()
-    merged = AutoModelForCausalLM.from_pretrained(final)
     batch = lora_trainer.micro_batches(0)[0]
     module.eval()
-    with torch.no_grad():
-        expected = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        got = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+
+    def logits(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    expected = logits(module)
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, LoraLayer) for m in merged.modules())
+
+    adapter = final / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        (tmp_path / "base").resolve()
+    )
+    with_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), adapter)
+    torch.testing.assert_close(logits(with_peft), expected, rtol=1e-4, atol=1e-4)
+    cfg = lora_trainer.cfg
+    from_adapter = models.load_causal_lm(cfg.model, lora_trainer.tokenizer, cfg.seed, init_from=str(adapter))
+    torch.testing.assert_close(logits(from_adapter), expected, rtol=1e-4, atol=1e-4)
+    assert resolve_model_dir(adapter) == adapter
+    torch.testing.assert_close(logits(Chat(adapter).model), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_adapter_whose_base_model_is_gone_is_refused_with_both_places(tmp_path: Path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    gone = tmp_path / "moved-away"
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": str(gone)})
+    )
+    cfg = compose(["experiment=tiny", "stage=sft"])
+    with pytest.raises(models.ModelError, match=f"init_from={adapter} is a LoRA adapter for {gone}, which holds no"):
+        models.load_causal_lm(cfg.model, None, 0, init_from=str(adapter))
 
 
 @pytest.mark.slow

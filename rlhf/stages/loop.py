@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from rlhf import dist, gold, lora, models
 from rlhf.checkpoint import Checkpointer
+from rlhf.config import Source, cache_dir
 from rlhf.data import batch_indices, datasets
 from rlhf.guard import StepGuard
 from rlhf.progress import StepLog, eval_due, loss_figures
@@ -215,14 +216,48 @@ class Recipe:
         return metrics
 
     def save_policy(self, zero_stage: int) -> Path:
-        """The trained causal LM (`engine`) as a Hugging Face folder `<stage>/final`, LoRA merged, written by rank 0."""
-        state = merged_weights(self.engine, zero_stage)
+        """The trained causal LM (`engine`) as `<stage>/final` (see save_causal_lm)."""
         target = self.out_dir / "final"
+        save_causal_lm(self.engine, zero_stage, self.cfg, self.tokenizer, target)
         if self.rank == 0:
-            models.save_hf(self.engine.module.config, state, self.tokenizer, target, self.cfg.model.dtype)
             log.info("%s: final model saved to %s", self.name, target)
         dist.barrier()
         return target
+
+
+def save_causal_lm(engine, zero_stage: int, cfg: DictConfig, tokenizer, target: Path) -> None:
+    """A trained causal LM as a Hugging Face folder `target`, LoRA merged, and when only LoRA trained, the adapter in
+    peft's format in `target/adapter`, on the model the stage started from. Gathered under ZeRO-3 (every rank must
+    call); written by rank 0."""
+    state = dist.full_state_dict(engine, zero_stage)
+    if dist.rank() != 0:
+        return
+    module = engine.module
+    scalings = lora.lora_scalings(module)
+    base = lora_base(cfg) if scalings else ""
+    with_adapter = bool(base) and cfg.model.lora.only_optimize_lora
+    if scalings and not with_adapter:
+        why = "weights besides LoRA trained too" if base else "the stage did not start from a saved model"
+        log.info("no LoRA adapter saved beside %s: %s", target, why)
+
+    def add_adapter(folder: Path) -> None:
+        lora.save_adapter(state, module, base, folder / lora.ADAPTER_DIR)
+
+    merged = lora.merge_lora_state_dict(state, scalings)
+    add_files = add_adapter if with_adapter else None
+    models.save_hf(module.config, merged, tokenizer, target, cfg.model.dtype, add_files=add_files)
+
+
+def lora_base(cfg: DictConfig) -> str:
+    """The model folder or hub id a stage's LoRA adapter applies to: where the stage started ("" when that is no
+    saved model: a tiny random model, or another adapter merged in)."""
+    init_from = cfg.stage.get("init_from", "")
+    if init_from:
+        return "" if lora.is_adapter(init_from) else str(Path(init_from).expanduser().resolve())
+    if cfg.model.source == Source.tiny:
+        return ""
+    location = models.model_location(cfg.model, cache_dir(cfg))
+    return str(Path(location).resolve()) if Path(location).exists() else location
 
 
 def param_counts(model) -> dict[str, int]:

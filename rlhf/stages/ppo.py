@@ -26,7 +26,7 @@ from rlhf.guard import all_finite
 from rlhf.models import load_tokenizer, save_hf
 from rlhf.ppo import functional as ppo_math
 from rlhf.rewards import columns_of
-from rlhf.stages.loop import Recipe, StepOutcome, merged_weights
+from rlhf.stages.loop import Recipe, StepOutcome, merged_weights, save_causal_lm
 from rlhf.stages.ppo_experience import (
     Experience,
     IterationInputs,
@@ -362,12 +362,11 @@ class PPOTrainer(Recipe):
 
     # 5. save: the actor (LoRA merged) and, with EMA, the EMA actor beside it
     def save(self) -> Path:
-        state = self._actor_state()
         target = self.out_dir / "final"
+        save_causal_lm(self.models.actor, self.models.actor_zero, self.cfg, self.tokenizer, target)
         if self.rank == 0:
-            config, dtype = self.models.actor.module.config, self.cfg.model.dtype
-            save_hf(config, state, self.tokenizer, target, dtype)
             if self.ema is not None:
+                config, dtype = self.models.actor.module.config, self.cfg.model.dtype
                 save_hf(config, self.ema, self.tokenizer, target.with_name("final-ema"), dtype)
             log.info("ppo: final actor saved to %s%s", target, " (EMA beside it)" if self.ema is not None else "")
         dist.barrier()
