@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rlhf.tracking import run_group
+from rlhf.tracking import STEP_METRIC, run_group
 
 SPEC_FILE = "wandb_workspace.json"
 
@@ -75,7 +75,10 @@ def workspace_spec(summaries: list[Path], title: str) -> dict:
         for x_name, x in SCALING_X.items()
     ]
     sections = [
-        {"name": "Learning", "panels": [{"kind": "line", "title": t, "y": keys} for t, keys in learning]},
+        {
+            "name": "Learning",
+            "panels": [{"kind": "line", "title": t, "x": STEP_METRIC, "y": keys} for t, keys in learning],
+        },
         {"name": "Scaling", "panels": scaling},
         {"name": "Runs side by side", "panels": [{"kind": "runs", "title": "config and summary of each run"}]},
     ]
@@ -114,7 +117,7 @@ def build_workspace(spec: dict, entity: str):
 
     def panel(p: dict):
         if p["kind"] == "line":
-            return wr.LinePlot(title=p["title"], x="Step", y=list(p["y"]))
+            return wr.LinePlot(title=p["title"], x=p["x"], y=list(p["y"]))
         if p["kind"] == "scatter":
             return wr.ScatterPlot(title=p["title"], x=axis(p["x"]), y=axis(p["y"]))
         if p["kind"] == "table":

@@ -14,6 +14,8 @@ from rlhf.config import LoggerMode
 
 log = logging.getLogger(__name__)
 
+STEP_METRIC = "train/step"  # the x-axis every logged metric is defined against
+
 
 def api_key_configured() -> bool:
     """Whether W&B has a key without asking for one: WANDB_API_KEY or a ~/.netrc entry for its host."""
@@ -112,6 +114,10 @@ class Tracker:
                     "interrupted run's); unset WANDB_SERVICE or restart that service, then resume again"
                 ) from error
             raise
+        # every metric against the stage's own step (optimizer steps; PPO: iterations), so W&B's automatic panels
+        # and the generated dashboard share one x-axis across the stages' runs
+        run.define_metric(STEP_METRIC)
+        run.define_metric("*", step_metric=STEP_METRIC)
         log.info("W&B run %s (%s%s) in %s", run.id, mode, ", resumed" if resume_id else "", run.dir)
         return run
 
@@ -124,7 +130,7 @@ class Tracker:
         """Log and commit `step` now (W&B otherwise holds a step's row until the next step, and a killed run
         would lose the step it checkpointed last); anything else for this step must be logged before."""
         if self._started() is not None:
-            self.run.log(metrics, step=step, commit=True)
+            self.run.log(metrics | {STEP_METRIC: step}, step=step, commit=True)
 
     def table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
         """A W&B table (e.g. sample prompts and responses) under `key` at `step`, before `log` commits the step."""

@@ -18,7 +18,7 @@ from rlhf.chat import Chat, interactive, resolve_model_dir
 from rlhf.compose import compose
 from rlhf.pipeline import result_text
 from rlhf.plan import dry_run, plan
-from rlhf.tracking import run_group
+from rlhf.tracking import STEP_METRIC, run_group
 from tests.conftest import run_cli, single_run_dir, wandb_records
 
 SHORT = ["stage.sft.max_steps=6", "stage.reward.max_steps=6", "stage.ppo.max_steps=2", "eval.gold_prompts=8"]
@@ -100,7 +100,9 @@ def logged_by_stage(run_dir: Path) -> dict[str, dict]:
         run = next(r["run"] for r in records if r.get("type") == "run")
         history = set().union(*(r["history"]["item"] for r in records if r.get("type") == "history"))
         summary = set().union(*(r["summary"].get("update", {}) for r in records if r.get("type") == "summary"))
-        logged[run["job_type"]] = {"history": history, "summary": summary, "run": run}
+        metrics = [r["metric"] for r in records if r.get("type") == "metric"]
+        axes = {m.get("glob_name"): m.get("step_metric") for m in metrics}
+        logged[run["job_type"]] = {"history": history, "summary": summary, "run": run, "axes": axes}
     return logged
 
 
@@ -115,6 +117,9 @@ def test_the_report_writes_a_w_and_b_dashboard_whose_panels_plot_what_the_runs_l
     logged = logged_by_stage(quickstart_run)
     for panel in panels["Learning"]:  # every curve's keys are logged per step by some stage
         assert any(set(panel["y"]) <= stage["history"] for stage in logged.values()), panel
+        assert panel["x"] == STEP_METRIC
+    for stage in logged.values():  # W&B's own panels plot every metric against the stage's step too
+        assert stage["axes"]["*"] == STEP_METRIC and STEP_METRIC in stage["history"]
     learning = {key for panel in panels["Learning"] for key in panel["y"]}
     assert {"ppo/reward_mean", "ppo/kl", "eval/gold_score", "sft/loss", "reward/acc"} <= learning
     assert len(panels["Scaling"]) == 3 * 3 * 2  # 3 stages x (wall time, samples/s, tokens/s) x (size, world size)
