@@ -16,9 +16,10 @@ from typing import NamedTuple
 
 import torch
 
-from rlhf import dist, rollout, stats
+from rlhf import dist, models, rollout, stats
 from rlhf.data import builtin
 from rlhf.data.tokenize import PromptFormat, encode_prompts, pad_left
+from rlhf.ppo import functional as ppo_math
 
 GOLD_FILE = "gold.json"
 
@@ -230,16 +231,42 @@ def delta_figures(records: dict[str, GoldRecord], before: str = "start", after: 
     }
 
 
-def evaluate_policy(generation_model, tokenizer, rows: list[dict], cfg) -> GoldRecord | None:
+def evaluate_policy(
+    generation_model, tokenizer, rows: list[dict], cfg, reference=None
+) -> tuple[GoldRecord | None, float | None]:
     """Every rank answers its share of `rows` greedily with the model `generation_model()` gives (see
-    rollout.GenerationModel); the graded outcomes, gathered on rank 0 (None elsewhere)."""
+    rollout.GenerationModel): the graded outcomes, gathered on rank 0 (None elsewhere), and with a `reference`
+    model the policy's KL to it along the answers to the first `eval.kl_prompts` (see answers_kl; every rank)."""
     mine = my_share(rows)
     correct, texts = [], []
+    kl_share = cfg.eval.kl_prompts // dist.world_size() if reference is not None else 0
+    kl_sum, kl_rows = 0.0, 0
     with generation_model() as model:
         for batch in answers(model, tokenizer, mine, cfg.eval.batch, cfg.eval.max_new_tokens):
             correct += grade(batch.rows, batch.texts)
             texts += batch.texts
-    return gather(mine, correct, texts)
+            count = max(0, min(len(batch.rows), kl_share - kl_rows))
+            if count:
+                kl_sum += answers_kl(model, reference, batch, count, cfg.hardware.micro_batch)
+                kl_rows += count
+    kl_sum, kl_rows = dist.all_reduce_sum([kl_sum, kl_rows])
+    return gather(mine, correct, texts), (kl_sum / kl_rows if kl_rows else None)
+
+
+@torch.no_grad()
+def answers_kl(policy, reference, batch: Answers, rows: int, micro: int) -> float:
+    """KL(policy || reference) along the first `rows` answers of `batch`: each position's whole next-token
+    distributions (a real KL, not a one-sample estimate), summed over each answer's tokens and over the rows, in
+    nats; `micro` rows at a time (full-vocabulary logits)."""
+    total = 0.0
+    for start in range(0, rows, micro):
+        part = slice(start, min(start + micro, rows))
+        sequences, mask = batch.sequences[part], batch.attention_mask[part]
+        logits = models.response_logits(policy, sequences, mask, batch.width)
+        ref_logits = models.response_logits(reference, sequences, mask, batch.width)
+        kl = ppo_math.full_kl(logits, ref_logits) * batch.response_mask[part].to(logits.device)
+        total += kl.sum().item()
+    return total
 
 
 def family_table(evaluations: dict[str, GoldRecord]) -> list[dict[str, object]]:

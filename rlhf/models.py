@@ -287,6 +287,20 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def response_logits(model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """The logits that predict the response tokens (positions from `prompt_width` on): [B, R, V]. The LM head runs
+    only at those positions, not over the prompt."""
+    sequences, mask = sequences.to(model.device), mask.to(model.device)
+    # as indices, not a count: HF then gathers the kept positions into a contiguous tensor, which the LM head's
+    # product folds into one matrix product; the strided slice a count gives makes a no-grad forward (the reference)
+    # run it as a batched product over a copy of the head's weight per row (slower: docs/performance.md)
+    keep = torch.arange(prompt_width - 1, sequences.shape[1], device=sequences.device)
+    logits = model(
+        input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep
+    ).logits
+    return logits[:, :-1]
+
+
 class RewardModel(nn.Module):
     """A transformer backbone with a scalar head: a value per token (the PPO critic) and a score per sequence, read
     at its last real token (the reward model). Its state dict is laid out as `<Arch>ForSequenceClassification`

@@ -142,8 +142,9 @@ def test_dpo_runs_on_two_processes_with_its_w_and_b_figures(tmp_path: Path) -> N
     summary = read_summary(run_dir, "dpo")
     assert summary["steps"] == 2 and summary["eval_pairs"] == 16 and "gold_score" in summary
     assert summary["world_size"] == 2
+    assert 0 < summary["kl"] < 1  # the final answers' KL to the start, the start loaded again on both ranks
     logged = inspect_wandb(wandb_runs(run_dir)[-1])["summary"]
-    for key in ("dpo/loss", "dpo/rewards/accuracies", "dpo/rewards/margins", "dpo/logps/chosen", "dpo/eval/loss"):
+    for key in ("dpo/loss", "dpo/rewards/accuracies", "dpo/rewards/margins", "dpo/eval/loss", "eval/kl"):
         assert key in logged, key
 
 
@@ -167,7 +168,7 @@ def test_dpo_after_sft_in_one_run_takes_the_sft_stages_final_gold_evaluation(
     record = gold.GoldRecord([f"q{i}" for i in range(4)], ["arithmetic"] * 4, [1.0, 0.0, 0.0, 1.0], ["a"] * 4)
     gold.save(tmp_path / "sft", {"end": record})
     answered = []
-    monkeypatch.setattr(gold, "evaluate_policy", lambda *args: answered.append(args))
+    monkeypatch.setattr(gold, "evaluate_policy", lambda *args: (answered.append(args), (None, None))[1])
 
     assert gold.handed_over(tmp_path, str(tmp_path / "elsewhere"), trainer.gold_rows, 1) is None
     assert gold.handed_over(tmp_path, str(sft_final), trainer.gold_rows[:3], 1) is None  # other prompts
@@ -176,6 +177,7 @@ def test_dpo_after_sft_in_one_run_takes_the_sft_stages_final_gold_evaluation(
     figures = trainer.evaluate_gold("start")
     assert figures["eval/gold_score"] == 0.5 and not answered  # the SFT stage's record, no answers generated
     assert gold.load(trainer.out_dir)["start"] == record
+    trainer.cfg.eval.kl_prompts = 0  # no start model in the folder to measure the final answers' KL to
     trainer.evaluate_gold("end")
     assert len(answered) == 1  # the end is this stage's own model: answered
 

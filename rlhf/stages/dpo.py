@@ -187,6 +187,18 @@ class DPOTrainer(Recipe):
             }
         return metrics | self.evaluate_gold(when)
 
+    def kl_reference(self):
+        """The policy the stage started from, to measure the final answers' KL to (as PPO's eval/kl): the frozen
+        reference engine, or the start loaded again where its log-probs were precomputed and it was dropped."""
+        if self.cfg.eval.kl_prompts <= 0:
+            return None
+        if self.reference is not None:
+            return self.reference
+        cfg = self.cfg
+        with torch.random.fork_rng(devices=[]):  # a tiny model is built from the seed: leave the stream alone
+            start = models.load_causal_lm(cfg.model, self.tokenizer, cfg.seed, cfg.stage.init_from, cache_dir(cfg))
+        return engine.initialize_frozen(start, cfg, self.zero_stage)
+
     def figures(self) -> dict:
         extra = {"reference_s": self.reference_s}
         return self.history_figures() | gold.delta_figures(self.gold_records) | self.params | extra

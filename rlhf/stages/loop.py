@@ -199,21 +199,29 @@ class Recipe:
         if when not in ("start", "end") or not self.gold_rows:
             return {}
         started = time.perf_counter()
-        handed = None
+        handed, kl = None, None
         if when == "start":
             handed = gold.handed_over(self.run_dir, self.cfg.stage.init_from, self.gold_rows, self.world)
         if handed is not None:
             log.info("%s gold (start): the SFT stage's final evaluation of this model", self.name)
             record = handed if self.rank == 0 else None
         else:
-            record = gold.evaluate_policy(self.generation_model, self.tokenizer, self.gold_rows, self.cfg)
+            reference = self.kl_reference() if when == "end" else None
+            record, kl = gold.evaluate_policy(
+                self.generation_model, self.tokenizer, self.gold_rows, self.cfg, reference
+            )
         if record is None:
             return {}
-        metrics = gold.keep(self.gold_records, when, record, self.out_dir)
+        metrics = gold.keep(self.gold_records, when, record, self.out_dir) | ({"eval/kl": kl} if kl is not None else {})
         self.progress.evals |= gold.summary_figures(metrics, "_start" if when == "start" else "")
         took = time.perf_counter() - started
-        log.info("%s gold (%s, step %d): %s (%.0f s)", self.name, when, self.step, gold.describe(record), took)
+        shown = f", KL to the start {kl:.3f} nats" if kl is not None else ""
+        log.info("%s gold (%s, step %d): %s%s (%.0f s)", self.name, when, self.step, gold.describe(record), shown, took)
         return metrics
+
+    def kl_reference(self):
+        """The model the final answers' KL is measured to (see gold.answers_kl), or None for no KL."""
+        return None
 
     def save_policy(self, zero_stage: int) -> Path:
         """The trained causal LM (`engine`) as `<stage>/final` (see save_causal_lm)."""

@@ -34,7 +34,7 @@ from rlhf.stages.ppo_experience import (
     iteration_metrics,
     rollout_gold,
 )
-from rlhf.stages.ppo_models import PPOModels, RewardFn, actor_logprobs, response_logits
+from rlhf.stages.ppo_models import PPOModels, RewardFn, actor_logprobs
 from rlhf.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -306,17 +306,11 @@ class PPOTrainer(Recipe):
         kl_share = 0 if self.step == 0 else cfg.eval.kl_prompts // self.world  # the actor is the reference at 0
         if models.reference is None:  # kl_coef 0: no reference model to measure the KL to
             kl_share = 0
-        micro = cfg.hardware.micro_batch  # full-vocabulary logits for the KL: a micro-batch at a time
         for batch in answers:
             limit = max(0, min(len(batch.rows), kl_share - kl_rows))
-            for start in range(0, limit, micro):
-                part = slice(start, min(start + micro, limit))
-                sequences, mask = batch.sequences[part], batch.attention_mask[part]
-                logits = response_logits(models.actor, sequences, mask, batch.width)
-                ref_logits = response_logits(models.reference, sequences, mask, batch.width)
-                resp_mask = batch.response_mask[part].to(logits.device)
-                kl_sum += (ppo_math.full_kl(logits, ref_logits) * resp_mask).sum().item()
-                kl_rows += len(sequences)
+            if limit:
+                kl_sum += gold.answers_kl(models.actor, models.reference, batch, limit, cfg.hardware.micro_batch)
+                kl_rows += limit
             prompts, columns = [r["prompt"] for r in batch.rows], columns_of(batch.rows)
             reward, _ = models.reward(prompts, batch.texts, columns, batch.sequences, batch.attention_mask)
             reward_sum += reward.sum().item()

@@ -227,26 +227,12 @@ def load_saved_tokenizer(path: str):
         raise models.ModelError(f"cannot load the tokenizer saved in {path}: {err}") from err
 
 
-def response_logits(model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """The logits that predict the response tokens (positions from `prompt_width` on): [B, R, V]. The LM head runs
-    only at those positions, not over the prompt."""
-    sequences, mask = sequences.to(model.device), mask.to(model.device)
-    # as indices, not a count: HF then gathers the kept positions into a contiguous tensor, which the LM head's
-    # product folds into one matrix product; the strided slice a count gives makes a no-grad forward (the reference)
-    # run it as a batched product over a copy of the head's weight per row (slower: docs/performance.md)
-    keep = torch.arange(prompt_width - 1, sequences.shape[1], device=sequences.device)
-    logits = model(
-        input_ids=sequences, attention_mask=mask, position_ids=models.position_ids(mask), logits_to_keep=keep
-    ).logits
-    return logits[:, :-1]
-
-
 def actor_logprobs(
     model, sequences: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float, entropy: bool = False
 ):
     """Log-probs of the response tokens under the sampling distribution (logits / temperature, as they were
     sampled) and, if asked, the entropy there (a figure to log: no autograd graph), from one log-softmax."""
-    logits = response_logits(model, sequences, mask, prompt_width) / temperature
+    logits = models.response_logits(model, sequences, mask, prompt_width) / temperature
     labels = sequences[:, prompt_width:].to(logits.device)
     if entropy:
         return ppo_math.logprobs_and_entropy(logits, labels)

@@ -140,7 +140,8 @@ def sample_onpolicy(cfg: DictConfig) -> dict[str, list[dict]]:
             if rank == 0:
                 elapsed = time.perf_counter() - split_started
                 log.info(
-                    "reward: the policy answered %d/%d %s prompts x %d (%.1f answers/s)",
+                    "%s: the policy answered %d/%d %s prompts x %d (%.1f answers/s)",
+                    cfg.stage.name,
                     min(len(answers) * world, len(encoded)),
                     len(encoded),
                     split,
