@@ -33,6 +33,7 @@ def dpo_loss(
     beta: float,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.0,
+    rpo_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and the chosen and rejected answers' implicit rewards, from the summed log-probs of the
     answers under the policy and (not for simpo) the frozen reference, and the answers' token counts.
@@ -43,10 +44,15 @@ def dpo_loss(
       rewards beta (p - r) of those means.
     - simpo: reference-free, -(1 - e) log sigmoid(z) - e log sigmoid(-z), z = beta (pc / |c| - pr / |r|) - gamma;
       rewards beta p / |answer|.
+
+    `rpo_alpha` adds rpo_alpha times the chosen answer's per-token negative log-likelihood to each pair's loss (RPO,
+    Pang et al. 2024; TRL's `rpo_alpha`): the preference term alone can lower the chosen answer's likelihood along
+    with the rejected one's and move probability to answers neither holds (longer ones, in practice).
     """
     if kind not in DPO_LOSSES:
         raise ValueError(f"unknown DPO loss {kind!r}: one of {', '.join(DPO_LOSSES)}")
     chosen, rejected = policy
+    chosen_nll = -chosen / lengths[0]
     if kind in ("ipo", "simpo"):  # per-token means
         chosen, rejected = chosen / lengths[0], rejected / lengths[1]
     if kind == "simpo":
@@ -62,6 +68,8 @@ def dpo_loss(
         losses = (z - 1 / (2 * beta)) ** 2
     else:
         losses = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    if rpo_alpha:
+        losses = losses + rpo_alpha * chosen_nll
     return losses, chosen_reward.detach(), rejected_reward.detach()
 
 

@@ -155,6 +155,7 @@ class DPOStageConfig:
     beta: float = 0.1  # SimPO's paper uses about 2 with simpo_gamma 1
     label_smoothing: float = 0.0  # sigmoid and simpo: the assumed share of flipped labels (conservative DPO)
     simpo_gamma: float = 1.0  # simpo: the target reward margin
+    rpo_alpha: float = 0.0  # weight of the chosen answers' per-token NLL added to the loss (RPO; 0: none)
     precompute_reference: bool = True  # the reference's log-probs once per pair before training, then no reference
     policy_from: str = ""  # on-policy pairs: the policy that answers (empty: init_from)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)

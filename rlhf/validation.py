@@ -195,12 +195,20 @@ def stage_rules(cfg: DictConfig, need: Need) -> None:
             0 <= stage.label_smoothing < 0.5,
             f"stage.label_smoothing={stage.label_smoothing} must be in [0, 0.5) (the share of flipped labels)",
         )
-    per_step = max(world_size(cfg) * hw.micro_batch, 1)  # a zero micro-batch has its own message above
-    need(
-        stage.global_batch >= per_step and stage.global_batch % per_step == 0,
-        f"stage.global_batch={stage.global_batch} must be a positive multiple of world size x hardware.micro_batch "
-        f"= {world_size(cfg)} x {hw.micro_batch} = {per_step}",
-    )
+        need(stage.rpo_alpha >= 0, f"stage.rpo_alpha={stage.rpo_alpha} must be >= 0 (the chosen answers' NLL weight)")
+    if stage.name == "ppo":  # micro-batches split the rollouts (global_batch x samples_per_prompt), checked below
+        need(
+            stage.global_batch >= world_size(cfg) and stage.global_batch % world_size(cfg) == 0,
+            f"stage.global_batch={stage.global_batch} prompts must be a positive multiple of the world size "
+            f"{world_size(cfg)}",
+        )
+    else:
+        per_step = max(world_size(cfg) * hw.micro_batch, 1)  # a zero micro-batch has its own message above
+        need(
+            stage.global_batch >= per_step and stage.global_batch % per_step == 0,
+            f"stage.global_batch={stage.global_batch} must be a positive multiple of world size x "
+            f"hardware.micro_batch = {world_size(cfg)} x {hw.micro_batch} = {per_step}",
+        )
 
 
 def ppo_rules(cfg: DictConfig, need: Need) -> None:

@@ -36,6 +36,10 @@ def test_each_dpo_loss_against_hand_computed_values() -> None:
     smoothed, _, _ = preference.dpo_loss(policy, reference, lengths, "sigmoid", 0.5, label_smoothing=0.1)
     expected = [-0.9 * math.log(sig(z)) - 0.1 * math.log(sig(-z)) for z in (1.0, -0.5)]
     assert smoothed.tolist() == pytest.approx(expected, abs=1e-6)
+    # rpo: plus alpha times the chosen answer's per-token NLL, -pc / lc = 5 and 1
+    rpo, _, _ = preference.dpo_loss(policy, reference, lengths, "sigmoid", 0.5, rpo_alpha=0.5)
+    expected = [-math.log(sig(1.0)) + 0.5 * 5.0, -math.log(sig(-0.5)) + 0.5 * 1.0]
+    assert rpo.tolist() == pytest.approx(expected, abs=1e-6)
     # ipo over per-token means: z = (pc/lc - rc/lc) - (pr/lr - rr/lr); loss (z - 1/(2 beta))^2
     ipo, _, _ = preference.dpo_loss(policy, reference, lengths, "ipo", 0.5)
     z = [(-10 / 2 + 11 / 2) - (-12 / 4 + 11 / 4), (-4 / 4 + 4 / 4) - (-3 / 2 + 4 / 2)]
@@ -106,6 +110,19 @@ def test_a_reference_engine_gives_the_precomputed_log_probs(tmp_path: Path, dist
     torch.testing.assert_close(figures_live["chosen"], figures_cached["chosen"], rtol=1e-5, atol=1e-6)
 
 
+def test_rpo_alpha_adds_the_chosen_answers_per_token_nll(tmp_path: Path, dist_process_group) -> None:
+    trainer = dpo_trainer(tmp_path, "stage.max_steps=1", "stage.global_batch=4", "stage.eval_pairs=8")
+    pairs = trainer.eval_share()[:4]
+    with torch.no_grad():
+        plain, figures = trainer.pair_losses(pairs)
+        trainer.cfg.stage.rpo_alpha = 2.0
+        with_nll, _ = trainer.pair_losses(pairs)
+    lengths = answer_pair_batch(pairs, trainer.tokenizer.pad_token_id)["answer_mask"].sum(dim=1)[: len(pairs)]
+    nll = (-figures["logps_c"] / lengths).mean().item()
+    assert nll > 0
+    assert with_nll.item() == pytest.approx(plain.item() + 2.0 * nll, rel=1e-5)
+
+
 @pytest.mark.parametrize("setting", ["zero3-lora", "zero2-bf16"])
 def test_dpo_resumes_exactly_under_zero_lora_and_bf16(setting: str, tmp_path: Path, dist_process_group) -> None:
     overrides = {
@@ -132,6 +149,8 @@ def test_dpo_settings_are_checked() -> None:
         compose(["experiment=tiny", "stage=dpo", "stage.loss=kto"])
     with pytest.raises(ConfigError, match="stage.dpo.beta=0.0 must be > 0"):
         compose(["experiment=tiny", "stage.stages=[sft,dpo]", "stage.dpo.beta=0"])
+    with pytest.raises(ConfigError, match="stage.rpo_alpha=-1.0 must be >= 0"):
+        compose(["experiment=tiny", "stage=dpo", "stage.rpo_alpha=-1"])
 
 
 def test_dpo_runs_on_two_processes_with_its_w_and_b_figures(tmp_path: Path) -> None:

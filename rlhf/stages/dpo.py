@@ -129,7 +129,7 @@ class DPOTrainer(Recipe):
                     reference = self.logps(self.reference, batch)
         losses, chosen_reward, rejected_reward = preference.dpo_loss(
             (chosen, rejected), reference, (lengths[:half], lengths[half:]), stage.loss, stage.beta,
-            stage.label_smoothing, stage.simpo_gamma,
+            stage.label_smoothing, stage.simpo_gamma, stage.rpo_alpha,
         )  # fmt: skip
         figures = {"chosen": chosen_reward, "rejected": rejected_reward, "logps_c": chosen, "logps_r": rejected}
         return losses.mean(), {k: v.detach().float() for k, v in figures.items()}
