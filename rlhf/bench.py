@@ -1,8 +1,11 @@
-"""`rlhf-bench`: PPO step 3 on a fixed workload, timed by phase, against a matmul peak measured on the spot.
+"""`rlhf-bench`: PPO step 3 or GRPO on a fixed workload, timed by phase, against a matmul peak measured on the spot.
 
-The workload is the one `../shared/bench` runs TRL and DeepSpeed-Chat on: SmolLM2-135M as actor and reference, the
-same backbone with a fresh 1-output head as reward model and critic, 64 prompts left-padded to 64 tokens, responses
-of exactly 32 tokens, batch 8, one PPO epoch of one mini-batch. After `--warmup` iterations it times `--iterations`
+The PPO workload (`--workload ppo`, `experiment=bench`) is the one `../shared/bench` runs TRL and DeepSpeed-Chat on:
+SmolLM2-135M as actor and reference, the same backbone with a fresh 1-output head as reward model and critic, 64
+prompts left-padded to 64 tokens, responses of exactly 32 tokens, batch 8, one PPO epoch of one mini-batch. The GRPO
+workload (`--workload grpo`, `experiment=bench-grpo`) is the one `bench/trl_grpo_bench.py` runs TRL's GRPOTrainer on:
+actor and reference only, built-in word problems, 4 responses of exactly 32 tokens per prompt graded by the verifier,
+8 responses per iteration. After `--warmup` iterations it times `--iterations`
 more and reports samples/s, generated and training tokens/s, the time split (generation / experience forwards /
 training), each phase's model FLOP utilisation (MFU) against the measured matmul peak of the run's dtype, and peak
 memory, as JSON, a markdown table and a W&B run.
@@ -30,6 +33,7 @@ from rlhf.progress import markdown_table
 
 log = logging.getLogger("rlhf.bench")
 
+WORKLOADS = {"ppo": "bench", "grpo": "bench-grpo"}  # --workload: its experiment preset
 PROMPTS_FILE = Path(__file__).with_name("bench_prompts.json")  # the first 64 prompts of ../shared/bench
 
 
@@ -77,21 +81,28 @@ def forward_flops(shape: Shape, batch: int, tokens: int, context: int, head_toke
 
 
 def phase_flops(
-    actor: Shape, critic: Shape, batch: int, prompt: int, response: int, actor_passes: int = 2
+    actor: Shape,
+    critic: Shape | None,
+    batch: int,
+    prompt: int,
+    response: int,
+    actor_passes: int = 2,
+    reward: Shape | None = None,
 ) -> dict[str, float]:
     """The FLOPs one PPO iteration needs per phase: `generation` (the prompt pass, then one token per step with the
-    KV cache), `experience` (reference, critic and reward model over prompt + response, and the actor unless its
-    rollout log-probs are reused: `actor_passes` 1 or 2) and `training` (actor and critic forward and backward, one
-    epoch)."""
+    KV cache), `experience` (the reference, and the critic and reward model where there are any, over prompt +
+    response, and the actor unless its rollout log-probs are reused: `actor_passes` 1 or 2) and `training` (actor
+    and critic forward and backward, one epoch). A reward function or a critic-free estimator counts no FLOPs."""
     total = prompt + response
     generation = forward_flops(actor, batch, prompt, prompt, 1) + sum(
         forward_flops(actor, batch, 1, prompt + step, 1) for step in range(1, response)
     )
     actor_pass = forward_flops(actor, batch, total, total, response)
-    critic_pass = forward_flops(critic, batch, total, total, 0)
+    critic_pass = forward_flops(critic, batch, total, total, 0) if critic else 0.0
+    reward_pass = forward_flops(reward, batch, total, total, 0) if reward else 0.0
     return {
         "generation": generation,
-        "experience": actor_passes * actor_pass + 2 * critic_pass,
+        "experience": actor_passes * actor_pass + critic_pass + reward_pass,
         "training": 3 * actor_pass + 3 * critic_pass,
     }
 
@@ -132,6 +143,16 @@ def bench_prompts(tokenizer, count: int, width: int) -> list[dict]:
     prompts = json.loads(PROMPTS_FILE.read_text())[:count]
     rows = [tokenizer(" " + p)["input_ids"] for p in prompts]
     return [{"prompt": p, "input_ids": ids[-width:] if width else ids} for p, ids in zip(prompts, rows, strict=True)]
+
+
+def word_problem_prompts(tokenizer, count: int) -> list[dict]:
+    """The GRPO workload's prompt rows ({prompt, input_ids}): built-in word problems (seed 1234, as
+    bench/trl_grpo_bench.py draws them), " " + prompt tokenised without a chat template (as TRL does with
+    plain-text prompts), graded by the verifier; PPO pads each batch to its longest prompt."""
+    from rlhf.data import builtin
+
+    prompts = [" " + pair.prompt for pair in builtin.generate(count, seed=1234, families=["word_problem"])]
+    return [{"prompt": p, "input_ids": tokenizer(p)["input_ids"]} for p in prompts]
 
 
 def reward_model_folder(cfg) -> Path:
@@ -190,9 +211,10 @@ def summarise(
     return figures
 
 
-def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
-    """Build the four models, run `warmup` + `iterations` PPO iterations on the benchmark prompts and return the
-    figures of the timed ones (also logged to W&B)."""
+def run(cfg, iterations: int, warmup: int, run_dir: Path, workload: str = "ppo", profiled: bool = False) -> dict:
+    """Build the models, run `warmup` + `iterations` PPO iterations on the benchmark prompts and return the
+    figures of the timed ones (also logged to W&B); with `profiled`, one more iteration under torch's profiler,
+    written to `<run_dir>/profile.md`."""
     from rlhf import dist
     from rlhf.config import world_size
     from rlhf.models import TORCH_DTYPES
@@ -206,9 +228,14 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
     load_s = time.perf_counter() - load_started
     with Tracker(cfg, "bench", run_dir, dist.rank()) as tracker:
         trainer = PPOTrainer(cfg, run_dir, tracker, models=ppo_models)
-        needed = stage.global_batch * (warmup + iterations)
-        prompts = bench_prompts(ppo_models.tokenizer, needed, stage.prompt_width)
+        needed = stage.global_batch * (warmup + iterations + 1)
+        if workload == "ppo":
+            prompts = bench_prompts(ppo_models.tokenizer, needed, stage.prompt_width)
+        else:
+            prompts = word_problem_prompts(ppo_models.tokenizer, 64)
         rows = [prompts[j % len(prompts)] for j in range(needed)]  # the 64 prompts again for longer runs
+        samples = stage.samples_per_prompt
+        rollouts = stage.global_batch * samples
         dtype = TORCH_DTYPES[cfg.hardware.precision]
         device = "cpu" if cfg.hardware.accelerator == "cpu" else "cuda"
         peak_before = matmul_peak(dtype, device)
@@ -219,7 +246,7 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
         for i in range(warmup + iterations):
             if i == warmup:
                 loop_started = time.perf_counter()
-            batch = rows[i * stage.global_batch : (i + 1) * stage.global_batch]
+            batch = [row for row in rows[i * stage.global_batch : (i + 1) * stage.global_batch] for _ in range(samples)]
             started = time.perf_counter()
             exp = trainer.generate_experience(batch)
             experience_done = time.perf_counter()
@@ -242,14 +269,19 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
                 timed.append(record)
                 shapes.append((exp.sequences.shape[1] - exp.response_mask.shape[1], exp.response_mask.shape[1]))
         loop_s = time.perf_counter() - loop_started
+        if profiled:
+            profile_iteration(trainer, rows[-stage.global_batch :], samples, run_dir / "profile.md")
         # measured again after the loop: a shared machine's rate drifts, and a low reading would inflate every MFU
         peak_after = matmul_peak(dtype, device)
         peak = max(peak_before, peak_after)
         log.info("matmul peak before the loop %.1f, after %.1f GFLOP/s", peak_before / 1e9, peak_after / 1e9)
         reused = stage.rollout == "engine" and stage.reuse_rollout_logprobs
-        actor, critic = Shape.of(ppo_models.actor.module.config), Shape.of(ppo_models.critic.module.config)
+        actor = Shape.of(ppo_models.actor.module.config)
+        critic, reward = (
+            Shape.of(m.module.config) if m is not None else None for m in (ppo_models.critic, ppo_models.reward_model)
+        )
         per_iteration = [
-            phase_flops(actor, critic, stage.global_batch, prompt, response, actor_passes=1 if reused else 2)
+            phase_flops(actor, critic, rollouts, prompt, response, 1 if reused else 2, reward)
             for prompt, response in shapes
         ]
         flops = {phase: sum(f[phase] for f in per_iteration) / len(per_iteration) for phase in per_iteration[0]}
@@ -257,17 +289,19 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
             "system": "rlhf",
             "model": cfg.model.name,
             "dtype": cfg.hardware.precision.value,
+            "workload": workload,
             "rollout": stage.rollout,
             "reused_rollout_logprobs": reused,
             "threads": torch.get_num_threads(),
             "world_size": world_size(cfg),
-            "batch": stage.global_batch,
+            "batch": rollouts,
+            "group": samples,
             "prompt_width": stage.prompt_width,
             "prompt_len": sum(prompt for prompt, _ in shapes) / len(shapes),
             "resp_len": sum(response for _, response in shapes) / len(shapes),
             "warmup_iterations": warmup,
             "load_s": load_s,
-            **summarise(timed, flops, peak, stage.global_batch, loop_s),
+            **summarise(timed, flops, peak, rollouts, loop_s),
             "peak_gflops_before": peak_before / 1e9,
             "peak_gflops_after": peak_after / 1e9,
             **peak_memory_mb(),
@@ -276,8 +310,21 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path) -> dict:
     return figures
 
 
+def profile_iteration(trainer, prompts: list[dict], samples: int, path: Path) -> None:
+    """One iteration under torch's profiler, its rollout and training phases by operator, written to `path`."""
+    from rlhf.bench_profile import PhaseProfile
+
+    phases = PhaseProfile()
+    with phases.phase("rollout (generation and experience passes)"):
+        exp = trainer.generate_experience([row for row in prompts for _ in range(samples)])
+    with phases.phase("training"):
+        trainer.train_step(exp)
+    path.write_text(phases.markdown())
+    log.info("profile of one more iteration: %s", path)
+
+
 def trl_row(path: Path) -> dict:
-    """A row of the table from the JSON `../shared/bench/trl_ppo_bench.py` writes."""
+    """A row of the table from the JSON `../shared/bench/trl_ppo_bench.py` or `bench/trl_grpo_bench.py` writes."""
     trl = json.loads(path.read_text())
     return {
         "system": f"{trl.get('system', 'trl')} {trl.get('trl', '')}".strip(),
@@ -309,15 +356,29 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rlhf-bench",
-        description="PPO step 3 on the fixed benchmark workload (see ../shared/bench): throughput, time split, MFU "
-        "per phase and peak memory, as JSON, a markdown table and a W&B run. Other arguments are config overrides, "
+        description="PPO step 3 or GRPO on a fixed benchmark workload (see ../shared/bench): throughput, time split, "
+        "MFU per phase and peak memory, as JSON, a markdown table and a W&B run. Other arguments are config overrides, "
         "e.g. hardware.precision=bf16 or stage.rollout=generate.",
     )
     parser.add_argument("--iterations", type=int, default=4, help="timed PPO iterations (default 4)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (default 1)")
+    parser.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="ppo",
+        help="ppo: experiment=bench, beside trl_ppo_bench.py; grpo: experiment=bench-grpo, beside "
+        "bench/trl_grpo_bench.py (default ppo)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one more iteration by phase and operator (profile.md)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.md")
     parser.add_argument(
-        "--compare", type=Path, action="append", default=[], help="a JSON file of trl_ppo_bench.py (repeatable)"
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="a JSON file of trl_ppo_bench.py or bench/trl_grpo_bench.py (repeatable)",
     )
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
@@ -334,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf.models import ModelError
 
     try:
-        cfg = compose(["experiment=bench", *overrides])
+        cfg = compose([f"experiment={WORKLOADS[args.workload]}", *overrides])
     except (ConfigError, HydraException, OmegaConfBaseException) as err:
         print(f"rlhf-bench: invalid config: {err}", file=sys.stderr)
         return 2
@@ -342,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         compared = [trl_row(path) for path in args.compare]  # read first: a bad file should not cost a run
     except (OSError, ValueError, KeyError) as err:
         print(
-            f"rlhf-bench: --compare: cannot read a trl_ppo_bench.py result: {type(err).__name__}: {err}",
+            f"rlhf-bench: --compare: cannot read a TRL benchmark result: {type(err).__name__}: {err}",
             file=sys.stderr,
         )
         return 2
@@ -351,9 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     configure_process(cfg, 1)
     try:
-        if not cfg.stage.reward_from:
+        if not cfg.stage.reward_from and "model" in cfg.stage.reward_funcs:
             cfg.stage.reward_from = str(reward_model_folder(cfg))
-        figures = run(cfg, args.iterations, args.warmup, out)
+        figures = run(cfg, args.iterations, args.warmup, out, args.workload, args.profile)
     except (ModelError, DataError) as err:
         print(f"rlhf-bench: {err}", file=sys.stderr)
         return 2

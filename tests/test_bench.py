@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from rlhf import bench
+from rlhf.data import builtin
 from tests.conftest import cli_env, wandb_records
 
 CONFIG = LlamaConfig(
@@ -47,11 +49,14 @@ def test_forward_flops_match_torchs_count_for_a_full_pass_and_a_cached_step() ->
 
 def test_phase_figures_and_mfu() -> None:
     shape = bench.Shape.of(CONFIG)
-    flops = bench.phase_flops(shape, shape, batch=8, prompt=64, response=32)
+    flops = bench.phase_flops(shape, shape, batch=8, prompt=64, response=32, reward=shape)
     assert flops["training"] == pytest.approx(1.5 * flops["experience"])
-    reused = bench.phase_flops(shape, shape, batch=8, prompt=64, response=32, actor_passes=1)
+    reused = bench.phase_flops(shape, shape, batch=8, prompt=64, response=32, actor_passes=1, reward=shape)
     actor_pass = bench.forward_flops(shape, 8, 96, 96, 32)
     assert reused["experience"] == pytest.approx(flops["experience"] - actor_pass)  # one actor pass fewer
+    grpo = bench.phase_flops(shape, None, batch=8, prompt=64, response=32, actor_passes=1)  # no critic or reward model
+    assert grpo["experience"] == pytest.approx(actor_pass) and grpo["training"] == pytest.approx(3 * actor_pass)
+    assert grpo["generation"] == flops["generation"]
     rounds = [bench.Iteration(2.0, 1.0, 3.0, 256, 768)] * 2
     figures = bench.summarise(rounds, flops, peak_flops=1e9, batch=8, loop_s=12.5)
     assert figures["samples_per_s"] == pytest.approx(16 / 12.5)
@@ -68,15 +73,9 @@ TRL_JSON = {
 }  # fmt: skip
 
 
-def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -> None:
-    import subprocess
-
-    trl = tmp_path / "trl.json"
-    trl.write_text(json.dumps(TRL_JSON))
-    out = tmp_path / "bench"
-    args = ["--iterations", "2", "--warmup", "1", "--out", str(out), "--compare", str(trl)]
+def run_bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     overrides = ["model=tiny", "model@reward_model=tiny", "optimizer.lr=1e-3", f"cache_dir={tmp_path / 'cache'}"]
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "rlhf.bench", *args, *overrides],
         cwd=tmp_path,
         env=cli_env(),
@@ -84,6 +83,13 @@ def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -
         text=True,
         timeout=600,
     )
+
+
+def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -> None:
+    trl = tmp_path / "trl.json"
+    trl.write_text(json.dumps(TRL_JSON))
+    out = tmp_path / "bench"
+    result = run_bench(tmp_path, "--iterations", "2", "--warmup", "1", "--out", str(out), "--compare", str(trl))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     ours = report["rlhf"]
@@ -107,3 +113,16 @@ def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -
     runs = list((out / "wandb").glob("offline-run-*"))
     summaries = [r for r in wandb_records(runs[0]) if r.get("type") == "summary"]
     assert "bench/samples_per_s" in json.dumps(summaries) and "bench/mfu_training" in json.dumps(summaries)
+
+
+def test_the_grpo_workload_samples_groups_of_word_problems_without_critic_or_reward_model(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = run_bench(tmp_path, "--workload", "grpo", "--iterations", "1", "--warmup", "0", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = json.loads((out / "bench.json").read_text())["rlhf"]
+    assert ours["workload"] == "grpo" and ours["batch"] == 8 and ours["group"] == 4 and ours["resp_len"] == 32
+    assert 10 < ours["prompt_len"] < 64  # word problems, padded to the longest of the iteration's two
+    assert "reward model" not in result.stderr and "no critic (dr_grpo)" in result.stderr
+    assert ours["gen_tokens_per_s"] == pytest.approx(8 * 32 / ours["gen_s"])
+    prompts = bench.word_problem_prompts(lambda text: {"input_ids": list(text.encode())}, 3)
+    assert all(builtin.reference_answer(row["prompt"].strip()) for row in prompts)  # the verifier grades them
