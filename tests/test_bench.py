@@ -115,14 +115,20 @@ def test_rlhf_bench_on_tiny_models_writes_json_table_and_wandb(tmp_path: Path) -
     assert "bench/samples_per_s" in json.dumps(summaries) and "bench/mfu_training" in json.dumps(summaries)
 
 
-def test_the_grpo_workload_samples_groups_of_word_problems_without_critic_or_reward_model(tmp_path: Path) -> None:
+def test_the_grpo_workload_samples_groups_of_word_problems_without_critic_or_reward_model_and_profiles(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "bench"
-    result = run_bench(tmp_path, "--workload", "grpo", "--iterations", "1", "--warmup", "0", "--out", str(out))
+    result = run_bench(
+        tmp_path, "--workload", "grpo", "--iterations", "1", "--warmup", "0", "--profile", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ours = json.loads((out / "bench.json").read_text())["rlhf"]
     assert ours["workload"] == "grpo" and ours["batch"] == 8 and ours["group"] == 4 and ours["resp_len"] == 32
     assert 10 < ours["prompt_len"] < 64  # word problems, padded to the longest of the iteration's two
     assert "reward model" not in result.stderr and "no critic (dr_grpo)" in result.stderr
     assert ours["gen_tokens_per_s"] == pytest.approx(8 * 32 / ours["gen_s"])
+    profile = (out / "profile.md").read_text()  # one more iteration, by phase and operator
+    assert "### rollout" in profile and "### training" in profile and "aten::" in profile
     prompts = bench.word_problem_prompts(lambda text: {"input_ids": list(text.encode())}, 3)
     assert all(builtin.reference_answer(row["prompt"].strip()) for row in prompts)  # the verifier grades them
