@@ -113,6 +113,12 @@ def test_a_reference_engine_gives_the_precomputed_log_probs(tmp_path: Path, dist
 def test_rpo_alpha_adds_the_chosen_answers_per_token_nll(tmp_path: Path, dist_process_group) -> None:
     trainer = dpo_trainer(tmp_path, "stage.max_steps=1", "stage.global_batch=4", "stage.eval_pairs=8")
     pairs = trainer.eval_share()[:4]
+    batch = answer_pair_batch(pairs, trainer.tokenizer.pad_token_id)
+    with torch.no_grad():  # the LM head only from the first answer column on gives the full logits' log-probs
+        full = trainer.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = preference.answer_logps(full, batch["input_ids"], batch["answer_mask"])
+        assert batch["answer_mask"].argmax(dim=1).min() > 1  # the prompts are left out
+        torch.testing.assert_close(torch.cat(trainer.logps(trainer.engine, batch)), expected, rtol=1e-5, atol=1e-4)
     with torch.no_grad():
         plain, figures = trainer.pair_losses(pairs)
         trainer.cfg.stage.rpo_alpha = 2.0

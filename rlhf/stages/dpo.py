@@ -103,11 +103,14 @@ class DPOTrainer(Recipe):
         return [usable[i] for i in eval_share(len(usable), len(usable), self.rank, self.world)]
 
     def logps(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chosen and the rejected answers' summed log-probs under `model` for an `answer_pair_batch`."""
+        """The chosen and the rejected answers' summed log-probs under `model` for an `answer_pair_batch`. The LM
+        head and the softmax run only from the batch's first answer column on, not over the prompts."""
         device = model.device
-        ids = batch["input_ids"].to(device)
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
-        summed = preference.answer_logps(logits, ids, batch["answer_mask"].to(device))
+        ids, answer_mask = batch["input_ids"].to(device), batch["answer_mask"].to(device)
+        first = max(int(answer_mask.argmax(dim=1).min()) - 1, 0)  # the position that predicts the first answer token
+        keep = torch.arange(first, ids.shape[1], device=device)
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep).logits
+        summed = preference.answer_logps(logits, ids[:, first:], answer_mask[:, first:])
         half = summed.shape[0] // 2
         return summed[:half], summed[half:]
 
