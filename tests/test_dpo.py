@@ -125,7 +125,7 @@ def test_rpo_alpha_adds_the_chosen_answers_per_token_nll(tmp_path: Path, dist_pr
         with_nll, _ = trainer.pair_losses(pairs)
     lengths = answer_pair_batch(pairs, trainer.tokenizer.pad_token_id)["answer_mask"].sum(dim=1)[: len(pairs)]
     nll = (-figures["logps_c"] / lengths).mean().item()
-    assert nll > 0
+    assert nll > 0 and figures["nll"].mean().item() == pytest.approx(nll, rel=1e-6)  # logged as dpo/nll_loss
     assert with_nll.item() == pytest.approx(plain.item() + 2.0 * nll, rel=1e-5)
 
 
@@ -169,7 +169,14 @@ def test_dpo_runs_on_two_processes_with_its_w_and_b_figures(tmp_path: Path) -> N
     assert summary["world_size"] == 2
     assert 0 < summary["kl"] < 1  # the final answers' KL to the start, the start loaded again on both ranks
     logged = inspect_wandb(wandb_runs(run_dir)[-1])["summary"]
-    for key in ("dpo/loss", "dpo/rewards/accuracies", "dpo/rewards/margins", "dpo/eval/loss", "eval/kl"):
+    for key in (
+        "dpo/loss",
+        "dpo/rewards/accuracies",
+        "dpo/rewards/margins",
+        "dpo/eval/loss",
+        "dpo/nll_loss",
+        "eval/kl",
+    ):
         assert key in logged, key
 
 

@@ -135,11 +135,12 @@ class DPOTrainer(Recipe):
             stage.label_smoothing, stage.simpo_gamma, stage.rpo_alpha,
         )  # fmt: skip
         figures = {"chosen": chosen_reward, "rejected": rejected_reward, "logps_c": chosen, "logps_r": rejected}
+        figures["nll"] = -chosen / lengths[:half]  # the chosen answers' per-token NLL, RPO's term
         return losses.mean(), {k: v.detach().float() for k, v in figures.items()}
 
     def run_step(self) -> StepOutcome:
         self.engine.train()
-        sums = [0.0] * 7  # pairs, loss, right, chosen, rejected, log-probs chosen, rejected
+        sums = [0.0] * 8  # pairs, loss, right, chosen, rejected, log-probs chosen, rejected, chosen NLL
         tokens = 0
         for pairs in self.micro_batches_of(self.train_pairs, self.step):
             loss, f = self.pair_losses(pairs)
@@ -157,7 +158,7 @@ class DPOTrainer(Recipe):
         """The held-out pairs' loss, implicit rewards and accuracy (a tie is wrong) with its 95% interval."""
         self.engine.eval()
         mine, micro = self.eval_share(), self.cfg.hardware.micro_batch
-        sums = [0.0] * 7
+        sums = [0.0] * 8
         for start in range(0, len(mine), micro):
             chunk = mine[start : start + micro]
             loss, f = self.pair_losses(chunk)
@@ -222,12 +223,14 @@ def figure_sums(pairs: int, loss: float, f: dict[str, torch.Tensor]) -> list[flo
         f["rejected"].sum().item(),
         f["logps_c"].sum().item(),
         f["logps_r"].sum().item(),
+        f["nll"].sum().item(),
     ]
 
 
 def figure_metrics(sums: list[float], prefix: str) -> dict[str, float]:
-    """TRL's DPO figures (rewards/chosen, rejected, margins, accuracies, logps/chosen, rejected) and the loss."""
-    n, loss, right, chosen, rejected, logps_c, logps_r = sums
+    """TRL's DPO figures (rewards/chosen, rejected, margins, accuracies, logps/chosen, rejected, nll_loss: the
+    chosen answers' per-token NLL, in the loss with rpo_alpha) and the loss."""
+    n, loss, right, chosen, rejected, logps_c, logps_r, nll = sums
     if n == 0:
         return {}
     return {
@@ -238,5 +241,6 @@ def figure_metrics(sums: list[float], prefix: str) -> dict[str, float]:
         f"{prefix}rewards/margins": (chosen - rejected) / n,
         f"{prefix}rewards/accuracies": right / n,
         f"{prefix}logps/chosen": logps_c / n,
+        f"{prefix}nll_loss": nll / n,
         f"{prefix}logps/rejected": logps_r / n,
     }
