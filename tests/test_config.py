@@ -37,8 +37,9 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
     if group != "experiment":
         assert cfg[group].name == option
     stage_cfgs = [stage_config(cfg, s) for s in cfg.stage.stages] if cfg.stage.name == "pipeline" else [cfg]
-    for sub in stage_cfgs:
-        assert sub.stage.global_batch % (world_size(sub) * sub.hardware.micro_batch) == 0
+    for sub in stage_cfgs:  # PPO's micro-batches split its rollouts, the other stages' their global batch
+        per_step = sub.stage.global_batch * (sub.stage.samples_per_prompt if sub.stage.name == "ppo" else 1)
+        assert per_step % (world_size(sub) * sub.hardware.micro_batch) == 0
 
 
 def test_every_group_has_options() -> None:
