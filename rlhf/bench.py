@@ -88,11 +88,13 @@ def phase_flops(
     response: int,
     actor_passes: int = 2,
     reward: Shape | None = None,
+    critic_folded: bool = False,
 ) -> dict[str, float]:
     """The FLOPs one PPO iteration needs per phase: `generation` (the prompt pass, then one token per step with the
     KV cache), `experience` (the reference, and the critic and reward model where there are any, over prompt +
     response, and the actor unless its rollout log-probs are reused: `actor_passes` 1 or 2) and `training` (actor
-    and critic forward and backward, one epoch). A reward function or a critic-free estimator counts no FLOPs."""
+    and critic forward and backward, one epoch; the critic's backward alone when its experience forward is reused,
+    `critic_folded`). A reward function or a critic-free estimator counts no FLOPs."""
     total = prompt + response
     generation = forward_flops(actor, batch, prompt, prompt, 1) + sum(
         forward_flops(actor, batch, 1, prompt + step, 1) for step in range(1, response)
@@ -103,7 +105,7 @@ def phase_flops(
     return {
         "generation": generation,
         "experience": actor_passes * actor_pass + critic_pass + reward_pass,
-        "training": 3 * actor_pass + 3 * critic_pass,
+        "training": 3 * actor_pass + (2 if critic_folded else 3) * critic_pass,
     }
 
 
@@ -281,7 +283,7 @@ def run(cfg, iterations: int, warmup: int, run_dir: Path, workload: str = "ppo",
             Shape.of(m.module.config) if m is not None else None for m in (ppo_models.critic, ppo_models.reward_model)
         )
         per_iteration = [
-            phase_flops(actor, critic, rollouts, prompt, response, 1 if reused else 2, reward)
+            phase_flops(actor, critic, rollouts, prompt, response, 1 if reused else 2, reward, trainer.fold_critic)
             for prompt, response in shapes
         ]
         flops = {phase: sum(f[phase] for f in per_iteration) / len(per_iteration) for phase in per_iteration[0]}

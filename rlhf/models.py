@@ -294,11 +294,10 @@ def response_logits(model, sequences: torch.Tensor, mask: torch.Tensor, prompt_w
     # as indices, not a count: HF then gathers the kept positions into a contiguous tensor, which the LM head's
     # product folds into one matrix product; the strided slice a count gives makes a no-grad forward (the reference)
     # run it as a batched product over a copy of the head's weight per row (slower: docs/performance.md)
-    keep = torch.arange(prompt_width - 1, sequences.shape[1], device=sequences.device)
-    logits = model(
-        input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep
-    ).logits
-    return logits[:, :-1]
+    # the last position predicts nothing: left out, its logits need no slicing (whose backward fills a zero tensor
+    # of all the logits)
+    keep = torch.arange(prompt_width - 1, sequences.shape[1] - 1, device=sequences.device)
+    return model(input_ids=sequences, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits
 
 
 class RewardModel(nn.Module):

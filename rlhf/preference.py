@@ -74,8 +74,9 @@ def dpo_loss(
 
 
 def answer_logps(logits: torch.Tensor, input_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the summed log-probs of the answer tokens (`answer_mask` 1 on them) given what precedes them."""
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    """Per row, the summed log-probs of the answer tokens (`answer_mask` 1 on them) given what precedes them;
+    `logits` [B, T - 1, V] are the predictions of tokens 1.. of `input_ids` [B, T] (the last position's left out)."""
+    logps = torch.log_softmax(logits.float(), dim=-1)
     token = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (token * answer_mask[:, 1:]).sum(dim=1)
 

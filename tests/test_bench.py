@@ -57,6 +57,9 @@ def test_phase_figures_and_mfu() -> None:
     grpo = bench.phase_flops(shape, None, batch=8, prompt=64, response=32, actor_passes=1)  # no critic or reward model
     assert grpo["experience"] == pytest.approx(actor_pass) and grpo["training"] == pytest.approx(3 * actor_pass)
     assert grpo["generation"] == flops["generation"]
+    folded = bench.phase_flops(shape, shape, batch=8, prompt=64, response=32, reward=shape, critic_folded=True)
+    critic_pass = bench.forward_flops(shape, 8, 96, 96, 0)
+    assert folded["training"] == pytest.approx(flops["training"] - critic_pass)  # the critic's backward alone
     rounds = [bench.Iteration(2.0, 1.0, 3.0, 256, 768)] * 2
     figures = bench.summarise(rounds, flops, peak_flops=1e9, batch=8, loop_s=12.5)
     assert figures["samples_per_s"] == pytest.approx(16 / 12.5)

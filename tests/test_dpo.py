@@ -58,7 +58,7 @@ def test_answer_log_probs_count_only_the_answer_tokens() -> None:
     batch = answer_pair_batch(pairs, pad_id=0)
     assert batch["answer_mask"].tolist() == [[0, 0, 1, 1], [0, 0, 1, 0]]
     torch.manual_seed(0)
-    logits = torch.randn(2, 4, 12)
+    logits = torch.randn(2, 3, 12)  # the predictions of tokens 1..3
     got = preference.answer_logps(logits, batch["input_ids"], batch["answer_mask"])
     logp = torch.log_softmax(logits, dim=-1)
     expected = [logp[0, 1, 7] + logp[0, 2, 8], logp[1, 1, 9]]  # token t from the logits at t - 1
@@ -116,7 +116,7 @@ def test_rpo_alpha_adds_the_chosen_answers_per_token_nll(tmp_path: Path, dist_pr
     batch = answer_pair_batch(pairs, trainer.tokenizer.pad_token_id)
     with torch.no_grad():  # the LM head only from the first answer column on gives the full logits' log-probs
         full = trainer.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        expected = preference.answer_logps(full, batch["input_ids"], batch["answer_mask"])
+        expected = preference.answer_logps(full[:, :-1], batch["input_ids"], batch["answer_mask"])
         assert batch["answer_mask"].argmax(dim=1).min() > 1  # the prompts are left out
         torch.testing.assert_close(torch.cat(trainer.logps(trainer.engine, batch)), expected, rtol=1e-5, atol=1e-4)
     with torch.no_grad():

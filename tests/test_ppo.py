@@ -237,7 +237,8 @@ def test_bf16_and_fp32_ppo_steps_agree(dist_process_group, tmp_path: Path) -> No
     params32 = dict(fp32.models.actor.module.named_parameters())
     before32 = {n: params32[n].detach().clone() for n in masters}
     before16 = {n: m.clone() for n, m in masters.items()}
-    stats32, stats16 = fp32.train_step(exp), bf16.train_step(exp)
+    # the fp32 critic's graph (kept from the experience: fold_critic) is not the bf16 critic's
+    stats32, stats16 = fp32.train_step(exp), bf16.train_step(exp._replace(critic_values=None))
     for key in ("policy_loss", "value_loss", "entropy"):
         assert stats16[key] == pytest.approx(stats32[key], rel=0.1, abs=0.02), key
     step32 = torch.cat([(params32[n].detach() - before32[n]).flatten() for n in masters])
@@ -520,3 +521,30 @@ def test_a_reward_function_alone_needs_no_reward_model(dist_process_group) -> No
 def test_a_group_estimator_needs_two_samples_per_prompt() -> None:
     with pytest.raises(ConfigError, match="stage.advantage=grpo compares each response"):
         compose([*PPO_SMALL, "stage.advantage=grpo"])
+
+
+def test_the_critics_experience_forward_folds_into_its_update_with_the_same_step(dist_process_group) -> None:
+    one_pass = ("stage.ppo_epochs=1", "stage.mini_batches=1", "hardware.micro_batch=8")
+    trainers = [function_reward_trainer(*one_pass) for _ in range(2)]
+    assert all(t.fold_critic for t in trainers)
+    trainers[1].fold_critic = False
+    assert not function_reward_trainer("stage.ppo_epochs=2").fold_critic
+    assert not function_reward_trainer("stage.ppo_epochs=1", "stage.mini_batches=1").fold_critic  # 2 micro-batches
+    results = []
+    for trainer in trainers:
+        critic = trainer.models.critic
+        forwards: list[int] = []
+        critic.module.register_forward_hook(lambda *_, calls=forwards: calls.append(1))
+        torch.manual_seed(0)
+        exp = trainer.generate_experience(trainer.prompt_batch(0))
+        assert (exp.critic_values is not None) == trainer.fold_critic
+        before = [p.detach().clone() for p in critic.module.parameters()]
+        stats = trainer.train_step(exp)
+        step = [p.detach() - b for p, b in zip(critic.module.parameters(), before, strict=True)]
+        results.append((exp, stats, step, len(forwards)))
+    (folded, stats, step, forwards), (plain, plain_stats, plain_step, plain_forwards) = results
+    assert (forwards, plain_forwards) == (1, 2)  # the experience's pass only, against a second in the update
+    assert torch.equal(folded.sequences, plain.sequences) and torch.equal(folded.values, plain.values)
+    assert stats["value_loss"] == pytest.approx(plain_stats["value_loss"], rel=1e-5)
+    assert max(s.abs().max().item() for s in step) > 1e-5  # the critic moved, and by the same step
+    assert max((s - p).abs().max().item() for s, p in zip(step, plain_step, strict=True)) < 1e-7

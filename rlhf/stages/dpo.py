@@ -108,7 +108,7 @@ class DPOTrainer(Recipe):
         device = model.device
         ids, answer_mask = batch["input_ids"].to(device), batch["answer_mask"].to(device)
         first = max(int(answer_mask.argmax(dim=1).min()) - 1, 0)  # the position that predicts the first answer token
-        keep = torch.arange(first, ids.shape[1], device=device)
+        keep = torch.arange(first, ids.shape[1] - 1, device=device)  # the last position predicts nothing
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device), logits_to_keep=keep).logits
         summed = preference.answer_logps(logits, ids[:, first:], answer_mask[:, first:])
         half = summed.shape[0] // 2

@@ -82,6 +82,7 @@ class PPOTrainer(Recipe):
         if self.models is None:
             self.models = PPOModels(cfg, self.total_steps, self.reward_fn)
         torch.manual_seed(dist.rank_seed(cfg.seed))  # the models are built: from here on ranks sample apart
+        self.fold_critic = self.critic_forward_folds()
         self.kl_ctl = ppo_math.KLController(stage.kl_coef, stage.kl_target, stage.kl_horizon)
         if stage.ema_beta > 0:
             state = self._actor_state()  # every rank joins the gather; rank 0 keeps the copy
@@ -100,6 +101,20 @@ class PPOTrainer(Recipe):
             self.world,
         )
 
+    def critic_forward_folds(self) -> bool:
+        """Whether the critic's experience forward is also its training forward: with one epoch of one mini-batch
+        and one micro-batch per rank, the critic trains from the weights that scored and on the same rows, so the
+        experience pass keeps its autograd graph and the update runs only the backward. Without dropout, as the
+        training forward would otherwise differ."""
+        stage = self.cfg.stage
+        return (
+            self.models.critic is not None
+            and stage.ppo_epochs == 1
+            and stage.mini_batches == 1
+            and stage.disable_dropout
+            and ppo_rollouts(stage) // self.world <= self.cfg.hardware.micro_batch
+        )
+
     def prompt_batch(self, step: int) -> list[dict]:
         """This rank's prompts ({prompt, input_ids}) for iteration `step`, each `samples_per_prompt` times in a
         row: a pure function of (seed, step)."""
@@ -115,7 +130,9 @@ class PPOTrainer(Recipe):
     # 2. experience: sample, then score with the four models (rlhf.stages.ppo_experience)
     def generate_experience(self, batch: list[dict]) -> Experience:
         """Rollouts for prompts as `prompt_batches` gives them ({prompt, input_ids}), scored."""
-        return build_experience(self.models, batch, self.cfg.stage, self.tokenizer, self.kl_ctl.value)
+        return build_experience(
+            self.models, batch, self.cfg.stage, self.tokenizer, self.kl_ctl.value, keep_critic_graph=self.fold_critic
+        )
 
     # 3. learning: ppo_epochs passes over the experience, each `mini_batches` optimizer steps of clipped policy and
     # value losses; a step accumulates the gradients of its micro-batches (DeepSpeed steps at the boundary)
@@ -138,6 +155,9 @@ class PPOTrainer(Recipe):
                 seq, mask = exp.sequences[idx, first : width + length], exp.attention_mask[idx, first : width + length]
                 prompt = width - first
                 m = exp.response_mask[idx, :length].float().to(actor_dev)
+                stats = {}
+                if models.critic is not None:  # first: a graph kept from the experience (fold) is freed sooner
+                    stats |= self._critic_step(exp, idx, length, seq, mask, prompt, m)
                 logprobs, entropy = actor_logprobs(models.actor, seq, mask, prompt, stage.temperature, entropy=True)
                 old = exp.logprobs[idx, :length].to(actor_dev)
                 advantages = exp.advantages[idx, :length].to(actor_dev)
@@ -145,7 +165,7 @@ class PPOTrainer(Recipe):
                     logprobs, old, advantages, m, stage.clip_range, stage.clip_range_high, stage.loss_aggregation
                 )
                 loss = pg_loss
-                stats = {
+                stats |= {
                     "policy_loss": pg_loss.item(),
                     "clipfrac": clip_low.item() + clip_high.item(),
                     "clipfrac_low": clip_low.item(),
@@ -168,8 +188,6 @@ class PPOTrainer(Recipe):
                 if self.ema is not None and models.actor.global_steps != actor_steps:
                     self._update_ema()  # after every actor optimizer step, as DeepSpeed-Chat does
 
-                if models.critic is not None:
-                    stats |= self._critic_step(exp, idx, length, seq, mask, prompt, m)
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -180,7 +198,10 @@ class PPOTrainer(Recipe):
         """One clipped value-loss update of the critic on a micro-batch (GAE's returns as targets)."""
         critic = self.models.critic
         m = m.to(critic.device)
-        values = critic(seq.to(critic.device), mask.to(critic.device), per_token=True)[:, prompt - 1 : -1]
+        if exp.critic_values is not None:  # the experience's forward, with its graph (critic_forward_folds)
+            values = exp.critic_values[idx.to(critic.device), :length]
+        else:
+            values = critic(seq.to(critic.device), mask.to(critic.device), per_token=True)[:, prompt - 1 : -1]
         old_values = exp.values[idx, :length].to(critic.device)
         returns = exp.returns[idx, :length].to(critic.device)
         v_loss, v_clipfrac = ppo_math.value_loss(values.float(), old_values, returns, m, self.cfg.stage.value_clip)

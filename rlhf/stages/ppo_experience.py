@@ -3,6 +3,7 @@ rewards and advantages (GAE with the critic, or a group baseline) that the updat
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any, NamedTuple
 
@@ -36,12 +37,17 @@ class Experience(NamedTuple):
     gold: torch.Tensor  # [B] the gold score of each response (nan where the prompt has no built-in answer)
     texts: list[tuple]  # (prompt as written, response text, reward) per row, for the sample tables
     generation_s: float  # seconds spent sampling, without the scoring passes
+    critic_values: torch.Tensor | None = None  # [B, R] values with their autograd graph, when training reuses them
 
 
 @torch.no_grad()
-def build_experience(models: PPOModels, batch: list[dict], stage: DictConfig, tok, kl_coef: float) -> Experience:
+def build_experience(
+    models: PPOModels, batch: list[dict], stage: DictConfig, tok, kl_coef: float, keep_critic_graph: bool = False
+) -> Experience:
     """Rollouts for prompts ({prompt, input_ids}, each prompt's samples in consecutive rows), scored: actor and
-    reference log-probs, critic values, the reward, per-token rewards and the advantages of `stage.advantage`."""
+    reference log-probs, critic values, the reward, per-token rewards and the advantages of `stage.advantage`.
+    `keep_critic_graph`: the critic's pass runs in training mode with autograd, and the experience keeps its values
+    for the critic's update to run only the backward (PPOTrainer.critic_forward_folds)."""
     models.eval_mode()
     prompts = pad_left([row["input_ids"] for row in batch], tok.pad_token_id, stage.prompt_width)
     width = prompts["input_ids"].shape[1]
@@ -64,10 +70,15 @@ def build_experience(models: PPOModels, batch: list[dict], stage: DictConfig, to
         ref_logprobs = actor_logprobs(models.reference, sequences, mask, width, stage.temperature).cpu()
     else:  # kl_coef 0: no reference model, and a KL of 0
         ref_logprobs = logprobs.clone()
-    values = torch.zeros_like(logprobs)
+    values, critic_values = torch.zeros_like(logprobs), None
     if models.critic is not None:
         device = models.critic.device
-        values = models.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1].float().cpu()
+        with torch.enable_grad() if keep_critic_graph else contextlib.nullcontext():
+            models.critic.module.train(keep_critic_graph)
+            critic_values = models.critic(sequences.to(device), mask.to(device), per_token=True)[:, width - 1 : -1]
+            models.critic.module.eval()
+        values = critic_values.detach().float().cpu()
+        critic_values = critic_values.float() if keep_critic_graph else None
     reward, reward_parts = models.reward(prompt_texts, texts, columns_of(batch), sequences, mask)
     reached_eos = (sequences[:, width:] == tok.eos_token_id).any(dim=1)
     scores = reward + stage.no_eos_penalty * (~reached_eos).float()
@@ -97,6 +108,7 @@ def build_experience(models: PPOModels, batch: list[dict], stage: DictConfig, to
         torch.tensor(gold_scores, dtype=torch.float),
         list(zip(prompt_texts, texts, reward.tolist(), strict=True)),
         generation_s,
+        critic_values,
     )
 
 
