@@ -150,17 +150,18 @@ def gather_objects(value: object) -> list | None:
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
     """The module's full state dict on CPU at rank 0 (empty elsewhere); every rank must call it.
 
-    Trained parameters come from the fp32 master weights when training ran in bf16/fp16, so the saved model is not
-    rounded to 16 bits; under ZeRO-3 each parameter is gathered in turn rather than the whole model at once.
+    Trained parameters come from the fp32 master weights (or the bf16 weights with their Kahan compensation) when
+    training ran in bf16/fp16, so the saved model is not rounded to 16 bits; under ZeRO-3 each parameter is gathered
+    in turn rather than the whole model at once.
     """
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from rlhf.optim import MasterWeightAdamW
+    from rlhf.optim import KahanAdamW, MasterWeightAdamW
 
     module = engine.module
     masters = engine.bfloat16_enabled() or engine.fp16_enabled()
-    own = engine.optimizer if isinstance(engine.optimizer, MasterWeightAdamW) else None
+    own = engine.optimizer if isinstance(engine.optimizer, (MasterWeightAdamW, KahanAdamW)) else None
     state: dict[str, torch.Tensor] = {}
     for name, param in module.named_parameters():
         if own is not None:

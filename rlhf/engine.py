@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from rlhf import rewards
 from rlhf.config import DType, grad_accum_steps, ppo_rollouts, world_size
-from rlhf.optim import MasterWeightAdamW
+from rlhf.optim import KahanAdamW, MasterWeightAdamW
 from rlhf.stage_schemas import Schedule
 
 
@@ -146,10 +146,11 @@ def initialize(
     opt = cfg.optimizer
     config = deepspeed_config(cfg, zero_stage, accumulation)
     if config["bf16"]["enabled"] and config["zero_optimization"]["stage"] == 0 and not opt.offload:
-        # bf16 without ZeRO: our fp32-master AdamW (masters taken before rounding the model), not DeepSpeed's
-        # per-tensor wrapper; DeepSpeed then runs the bf16 model as is and leaves clipping to the optimizer
+        # bf16 without ZeRO: our fp32-master (or Kahan-compensated) AdamW, built before the model is rounded, not
+        # DeepSpeed's per-tensor wrapper; DeepSpeed then runs the bf16 model as is and leaves clipping to the optimizer
         groups = param_groups(model, opt, lr)
-        optimizer = MasterWeightAdamW(
+        kind = MasterWeightAdamW if opt.master_weights else KahanAdamW
+        optimizer = kind(
             groups, max_grad_norm=cfg.stage.grad_clip, lr=groups[0]["lr"], betas=tuple(opt.betas), eps=opt.eps
         )
         model.to(torch.bfloat16)

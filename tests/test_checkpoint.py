@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from rlhf import checkpoint, dist
 from rlhf.compose import compose
 from rlhf.guard import NonFiniteError
-from rlhf.optim import MasterWeightAdamW
+from rlhf.optim import KahanAdamW, MasterWeightAdamW
 from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
 
@@ -104,6 +105,26 @@ def test_bf16_training_checkpoints_and_saves_its_fp32_masters(tmp_path: Path, di
     names = {id(p): n for n, p in first.engine.module.named_parameters()}
     for param, master in zip(masters_a.model_params, masters_a.masters, strict=True):
         assert torch.equal(saved[names[id(param)]], master)  # the final model is saved from the masters
+
+
+def test_bf16_training_without_masters_checkpoints_its_kahan_compensation(tmp_path: Path, dist_process_group):
+    overrides = [*SFT, "stage.max_steps=2", "hardware.precision=bf16", "optimizer.master_weights=false"]
+    overrides += ["data.max_prompt_len=48", "data.max_answer_len=32"]
+    first = sft_trainer(tmp_path / "a", overrides)
+    first.train()
+    assert len(first.progress.history) == 2 and all(math.isfinite(loss) for loss in first.progress.history)
+    second = sft_trainer(tmp_path / "b", overrides)
+    second.checkpoints.load(checkpoint.latest(checkpoint.stage_folder(tmp_path / "a", "sft")))
+    kahan_a, kahan_b = first.engine.optimizer, second.engine.optimizer
+    assert isinstance(kahan_b, KahanAdamW) and next(second.engine.module.parameters()).dtype == torch.bfloat16
+    params_a, params_b = list(first.engine.module.parameters()), list(second.engine.module.parameters())
+    for a, b in zip(params_a, params_b, strict=True):
+        assert torch.equal(a, b) and torch.equal(kahan_a.master_of(a), kahan_b.master_of(b))
+        assert kahan_b.state[b]["exp_avg"].dtype == torch.float32
+    assert any(kahan_a.state[p]["compensation"].abs().max() > 0 for p in params_a)  # bits that bf16 drops
+    saved = dist.full_state_dict(first.engine, 0)
+    for name, param in first.engine.module.named_parameters():
+        assert torch.equal(saved[name], kahan_a.master_of(param))  # saved from weight + compensation
 
 
 def test_a_truncated_checkpoint_is_skipped_for_the_one_before(trained, tmp_path: Path, caplog) -> None:
