@@ -523,9 +523,14 @@ def test_a_group_estimator_needs_two_samples_per_prompt() -> None:
         compose([*PPO_SMALL, "stage.advantage=grpo"])
 
 
-def test_the_critics_experience_forward_folds_into_its_update_with_the_same_step(dist_process_group) -> None:
+def full_weights(engine, zero_stage: int) -> list[torch.Tensor]:
+    return list(dist.full_state_dict(engine, zero_stage).values())
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_the_critics_experience_forward_folds_into_its_update_with_the_same_step(dist_process_group, zero_stage):
     one_pass = ("stage.ppo_epochs=1", "stage.mini_batches=1", "hardware.micro_batch=8")
-    trainers = [function_reward_trainer(*one_pass) for _ in range(2)]
+    trainers = [function_reward_trainer(*one_pass, f"hardware.zero_stage={zero_stage}") for _ in range(2)]
     assert all(t.fold_critic for t in trainers)
     trainers[1].fold_critic = False
     assert not function_reward_trainer("stage.ppo_epochs=2").fold_critic
@@ -538,9 +543,9 @@ def test_the_critics_experience_forward_folds_into_its_update_with_the_same_step
         torch.manual_seed(0)
         exp = trainer.generate_experience(trainer.prompt_batch(0))
         assert (exp.critic_values is not None) == trainer.fold_critic
-        before = [p.detach().clone() for p in critic.module.parameters()]
+        before = full_weights(critic, zero_stage)
         stats = trainer.train_step(exp)
-        step = [p.detach() - b for p, b in zip(critic.module.parameters(), before, strict=True)]
+        step = [p - b for p, b in zip(full_weights(critic, zero_stage), before, strict=True)]
         results.append((exp, stats, step, len(forwards)))
     (folded, stats, step, forwards), (plain, plain_stats, plain_step, plain_forwards) = results
     assert (forwards, plain_forwards) == (1, 2)  # the experience's pass only, against a second in the update
