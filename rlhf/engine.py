@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import sys
 from functools import partial
@@ -15,6 +16,8 @@ from rlhf import rewards
 from rlhf.config import DType, grad_accum_steps, ppo_rollouts, world_size
 from rlhf.optim import KahanAdamW, MasterWeightAdamW
 from rlhf.stage_schemas import Schedule
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: Schedule, min_ratio: float) -> float:
@@ -156,6 +159,12 @@ def initialize(
         model.to(torch.bfloat16)
         config["bf16"]["enabled"], config["gradient_clipping"] = False, 0.0
     else:
+        if config["bf16"]["enabled"] and not opt.master_weights:
+            log.warning(
+                "optimizer.master_weights=false applies at ZeRO 0 without offload; this engine (ZeRO %d) keeps "
+                "DeepSpeed's fp32 masters",
+                config["zero_optimization"]["stage"],
+            )
         optimizer = build_optimizer(model, opt, lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

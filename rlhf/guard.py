@@ -33,21 +33,23 @@ class StepGuard:
         self.stage, self.max_in_a_row = stage, max_in_a_row
         self.skipped = 0
         self.in_a_row = 0
-        self._bad_update = False  # the optimizer step being accumulated saw a non-finite loss
+        self._bad_updates: set[int] = set()  # engines (by id) whose optimizer step being accumulated saw a bad loss
         self._bad_step = False  # the trainer step (one or more updates) had a skipped update
 
     def backward_step(self, engine, loss: torch.Tensor) -> bool:
         """`engine.backward(loss)` then `engine.step()`, skipping the update if any loss in it was non-finite;
         returns whether this loss was finite on every rank."""
         finite = all_finite(loss)
-        self._bad_update |= not finite
+        if not finite:
+            self._bad_updates.add(id(engine))
         engine.backward(loss if finite else loss * float("nan"))
         if not engine.is_gradient_accumulation_boundary():
             engine.step()
             return finite
-        skip_plain = self._bad_update and plain_optimizer(engine)
-        self._bad_step |= self._bad_update
-        self._bad_update = False
+        bad_update = id(engine) in self._bad_updates  # PPO's actor and critic accumulate apart
+        self._bad_updates.discard(id(engine))
+        skip_plain = bad_update and plain_optimizer(engine)
+        self._bad_step |= bad_update
         if not skip_plain:
             engine.step()
             return finite

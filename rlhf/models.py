@@ -362,6 +362,19 @@ DROPOUT_ATTRIBUTES = (
 )  # fmt: skip
 
 
+def active_dropout(model: nn.Module) -> list[str]:
+    """Where dropout would still act in training mode: `nn.Dropout` modules with p > 0 (LoRA's included) and the
+    dropout rates models keep as attributes."""
+    found = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    for name, module in model.named_modules():
+        found += [
+            f"{name}.{attribute}"
+            for attribute in DROPOUT_ATTRIBUTES
+            if isinstance(getattr(module, attribute, None), float) and getattr(module, attribute) > 0
+        ]
+    return found
+
+
 def disable_dropout(model: nn.Module) -> int:
     """Switch every dropout off: `nn.Dropout` modules, the rates models keep as attributes for functional dropout
     (llama's attention_dropout, OPT's dropout and layerdrop) and the config's. PPO's ratio of new to old log-probs

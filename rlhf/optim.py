@@ -100,11 +100,19 @@ class KahanAdamW(torch.optim.Optimizer):
     def params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def _state_on_device(self, param: torch.Tensor) -> dict:
+        """The parameter's state, moved to its device first if need be (the optimizer is built before DeepSpeed
+        moves the model to its device)."""
+        state = self.state[param]
+        if state["compensation"].device != param.device:
+            state.update({key: value.to(param.device) for key, value in state.items()})
+        return state
+
     def master_of(self, param: torch.Tensor) -> torch.Tensor | None:
         """A parameter's full-precision value, weight + compensation in fp32 (None if this optimizer does not train
         it): what a saved model holds."""
         state = self.state.get(param)
-        return None if state is None else param.detach().float() + state["compensation"].float()
+        return None if state is None else param.detach().float() + state["compensation"].to(param.device).float()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,7 +123,7 @@ class KahanAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p in grads]
             if not params:
                 continue
-            states = [self.state[p] for p in params]
+            states = [self._state_on_device(p) for p in params]
             compensations = [s["compensation"] for s in states]
             values = torch._foreach_add([p.float() for p in params], [c.float() for c in compensations])
             beta1, beta2 = group["betas"]

@@ -5,8 +5,8 @@ Memory per device, for a model of P parameters of which T train, on N devices un
 keeps an fp32 master copy; DeepSpeed's own estimators are shown beside ours for the trained models' states):
   weights     P x bytes(precision), / N under ZeRO-3, 0 with parameter offload
   gradients   T x bytes(precision), / N under ZeRO-2 and 3
-  optimizer   T x (8 Adam moments + 4 master copy when not fp32, + 4 fp32 gradient buffer in bf16 at ZeRO-0),
-              / N under ZeRO-1 to 3, 0 with optimizer offload
+  optimizer   T x (8 Adam moments + 4 master copy when not fp32, + 4 fp32 gradient buffer in bf16 at ZeRO-0; or
+              8 + 2 Kahan compensation with optimizer.master_weights=false), / N under ZeRO-1 to 3, 0 with offload
   activations micro-batch x sequence x layers x (34 h + 5 heads x sequence) bytes in 16 bits (x2 in fp32), about
               2 h bytes per token and layer with gradient checkpointing; plus the fp32 logits of the micro-batch;
               in PPO at least the KV cache of all a rank's rollouts, sampled at once (2 x layers x tokens x h x bytes)
@@ -140,6 +140,7 @@ class Setup:
     lora: dict[str, bool]
     offload_optimizer: bool
     offload_params: bool
+    master_weights: bool = True
 
 
 def model_states(arch: Arch, trainable: int, zero: int, world: int, precision: DType, setup: Setup) -> dict:
@@ -148,8 +149,8 @@ def model_states(arch: Arch, trainable: int, zero: int, world: int, precision: D
     weights = arch.params() * b + (trainable * b if trainable != arch.params() else 0)
     weights = 0 if (zero == 3 and setup.offload_params) else weights / (world if zero == 3 else 1)
     grads = trainable * b / (world if zero >= 2 else 1)
-    own_buffers = precision == DType.bf16 and zero == 0  # rlhf.optim keeps fp32 gradients between steps
-    optim = trainable * (8 + (0 if precision == DType.fp32 else 4) + (4 if own_buffers else 0))
+    own = precision == DType.bf16 and zero == 0  # rlhf.optim: fp32 masters and gradients, or a Kahan compensation
+    optim = trainable * (10 if own and not setup.master_weights else 8 + (precision != DType.fp32) * 4 + own * 4)
     optim = 0 if setup.offload_optimizer else optim / (world if zero >= 1 else 1)
     return {"weights": weights, "grads": grads, "optim": optim}
 
@@ -234,8 +235,7 @@ def deepspeed_estimate(arch: Arch, trainable: int, zero: int, cfg: DictConfig, s
 
 @dataclass
 class DataShape:
-    """Training rows of a stage and their mean prompt and answer lengths in tokens (about 4 characters each, plus
-    a few for the chat template), each capped at its maximum."""
+    """A stage's training rows, their mean prompt and answer tokens (~4 characters each, capped at the maximum)."""
 
     rows: int
     prompt_tokens: float
@@ -243,8 +243,7 @@ class DataShape:
 
 
 def data_shape(cfg: DictConfig, name: str) -> DataShape | None:
-    """The shape of a stage's data when the mix can be read here (built-in and local sources), else None: a dry
-    run downloads nothing."""
+    """The shape of a stage's data when the mix can be read here (built-in, local), else None: nothing downloads."""
     from rlhf.data import stage_rows, usable_in
 
     name = data_share(name)
@@ -316,6 +315,7 @@ def base_setup(cfg: DictConfig, name: str) -> Setup:
         lora={k: cfg[k].lora.dim > 0 and cfg[k].lora.only_optimize_lora for k in ("model", "reward_model")},
         offload_optimizer=cfg.optimizer.offload,
         offload_params=hw.offload_params,
+        master_weights=cfg.optimizer.master_weights,
     )
 
 

@@ -86,10 +86,9 @@ def hardware_rules(cfg: DictConfig, need: Need) -> None:
         f"optimizer.offload=true needs hardware.zero_stage >= 1 (got {hw.zero_stage})",
     )
     need(
-        opt.master_weights or (hw.precision in (Precision.bf16, Precision.auto) and hw.zero_stage == 0),
-        "optimizer.master_weights=false (bf16 weights with a Kahan compensation) needs hardware.precision=bf16 (or "
-        f"auto) and hardware.zero_stage=0 (got {hw.precision.value}, ZeRO {hw.zero_stage}): DeepSpeed's bf16 and ZeRO "
-        "optimizers keep fp32 masters",
+        opt.master_weights or hw.precision in (Precision.bf16, Precision.auto),
+        "optimizer.master_weights=false (bf16 weights with a Kahan compensation) needs hardware.precision=bf16 (got "
+        f"{hw.precision.value})",
     )
     need(
         hw.nodes == 1 or hw.launcher != Launcher.deepspeed or bool(hw.hostfile),

@@ -14,7 +14,7 @@ import torch
 
 from rlhf import checkpoint, dist
 from rlhf.compose import compose
-from rlhf.guard import NonFiniteError
+from rlhf.guard import NonFiniteError, StepGuard
 from rlhf.optim import KahanAdamW, MasterWeightAdamW
 from rlhf.stages.sft import SFTTrainer
 from rlhf.tracking import Tracker
@@ -110,21 +110,27 @@ def test_bf16_training_checkpoints_and_saves_its_fp32_masters(tmp_path: Path, di
 def test_bf16_training_without_masters_checkpoints_its_kahan_compensation(tmp_path: Path, dist_process_group):
     overrides = [*SFT, "stage.max_steps=2", "hardware.precision=bf16", "optimizer.master_weights=false"]
     overrides += ["data.max_prompt_len=48", "data.max_answer_len=32"]
-    first = sft_trainer(tmp_path / "a", overrides)
-    first.train()
-    assert len(first.progress.history) == 2 and all(math.isfinite(loss) for loss in first.progress.history)
-    second = sft_trainer(tmp_path / "b", overrides)
-    second.checkpoints.load(checkpoint.latest(checkpoint.stage_folder(tmp_path / "a", "sft")))
-    kahan_a, kahan_b = first.engine.optimizer, second.engine.optimizer
-    assert isinstance(kahan_b, KahanAdamW) and next(second.engine.module.parameters()).dtype == torch.bfloat16
-    params_a, params_b = list(first.engine.module.parameters()), list(second.engine.module.parameters())
-    for a, b in zip(params_a, params_b, strict=True):
-        assert torch.equal(a, b) and torch.equal(kahan_a.master_of(a), kahan_b.master_of(b))
-        assert kahan_b.state[b]["exp_avg"].dtype == torch.float32
-    assert any(kahan_a.state[p]["compensation"].abs().max() > 0 for p in params_a)  # bits that bf16 drops
-    saved = dist.full_state_dict(first.engine, 0)
-    for name, param in first.engine.module.named_parameters():
-        assert torch.equal(saved[name], kahan_a.master_of(param))  # saved from weight + compensation
+    trainer = sft_trainer(tmp_path, overrides)
+    trainer.train()
+    kahan, params = trainer.engine.optimizer, list(trainer.engine.module.parameters())
+    assert isinstance(kahan, KahanAdamW) and params[0].dtype == torch.bfloat16
+    assert len(trainer.progress.history) == 2 and all(math.isfinite(loss) for loss in trainer.progress.history)
+    assert any(kahan.state[p]["compensation"].abs().max() > 0 for p in params)  # bits that bf16 drops
+    saved = dist.full_state_dict(trainer.engine, 0)
+    for name, param in trainer.engine.module.named_parameters():
+        assert torch.equal(saved[name], kahan.master_of(param))  # saved from weight + compensation
+    kept = {p: {k: v.clone() for k, v in kahan.state[p].items()} for p in params}
+    names = {p: n for n, p in trainer.engine.module.named_parameters()}
+    with torch.no_grad():  # then lose it all, and restore it from the step-2 checkpoint
+        for p in params:
+            p.add_(1.0)
+            for value in kahan.state[p].values():
+                value.zero_()
+    trainer.checkpoints.load(checkpoint.latest(checkpoint.stage_folder(tmp_path, "sft")))
+    for p in params:
+        assert torch.equal(kahan.master_of(p), saved[names[p]])
+        for key, value in kept[p].items():
+            assert value.dtype == kahan.state[p][key].dtype and torch.equal(value, kahan.state[p][key]), key
 
 
 def test_a_truncated_checkpoint_is_skipped_for_the_one_before(trained, tmp_path: Path, caplog) -> None:
@@ -204,3 +210,48 @@ def test_peak_memory_is_measured_from_its_reset() -> None:
     del block
     dist.reset_peak_memory()
     assert dist.peak_memory()["peak_rss_gb"] < with_block - 0.3
+
+
+class TwoMicroBatchEngine:
+    """What the guard uses of a DeepSpeed engine at ZeRO 0 in fp32: an optimizer step every second backward."""
+
+    def __init__(self) -> None:
+        self.module = torch.nn.Linear(2, 1)
+        self.micro_steps = 0
+        self.applied: list[bool] = []  # per optimizer step: whether it changed the weights
+        self._config = type("Config", (), {"gradient_clipping": 0.0})()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        self.micro_steps += 1
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self.micro_steps % 2 == 0
+
+    def step(self) -> None:
+        if self.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in self.module.parameters()]
+            self.applied.append(all(g is not None for g in grads))
+            assert all(g is None or torch.isfinite(g).all() for g in grads), "a non-finite update was applied"
+            self.module.zero_grad(set_to_none=True)
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def fp16_enabled(self) -> bool:
+        return False
+
+
+def test_a_non_finite_loss_skips_only_its_own_engine_s_step(dist_process_group) -> None:
+    guard = StepGuard("ppo", max_in_a_row=3)
+    critic, actor = TwoMicroBatchEngine(), TwoMicroBatchEngine()
+    x = torch.ones(1, 2)
+    for micro_batch in range(2):  # PPO's order: the critic's update, then the actor's, per micro-batch
+        guard.backward_step(critic, critic.module(x).sum())
+        actor_loss = actor.module(x).sum() * (float("nan") if micro_batch == 0 else 1.0)
+        guard.backward_step(actor, actor_loss)
+    assert critic.applied == [True] and actor.applied == [False]
+    assert guard.end_step(1) is True and guard.skipped == 1

@@ -94,10 +94,6 @@ def test_64_gpu_preset_has_hostfile_and_world_size() -> None:
             ["optimizer.master_weights=false", "hardware.precision=fp32"],
             "optimizer.master_weights=false (bf16 weights with a Kahan compensation) needs hardware.precision=bf16",
         ),
-        (
-            ["optimizer.master_weights=false", "hardware.precision=bf16", "hardware.zero_stage=2"],
-            "and hardware.zero_stage=0 (got bf16, ZeRO 2)",
-        ),
         (["model=local"], "model.source=local needs model.path"),
         (["data.split=[0,0,0]"], "data.split=[0.0, 0.0, 0.0] must be three non-negative shares"),
         (["hardware.nodes=2"], "hardware.nodes=2 needs hardware.hostfile"),

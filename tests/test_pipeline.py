@@ -351,3 +351,11 @@ def test_the_ppo_row_shows_the_reward_on_rollouts_and_held_out_answers() -> None
     assert "right/wrong" not in text  # no within-prompt agreement measured: none shown
     text = result_text(summary | {"reward_gold_pair_acc": 0.625})
     assert "reward orders right/wrong answers to a prompt 0.625 (rollouts)" in text
+
+
+def test_the_plan_counts_the_kahan_optimizer_s_smaller_state() -> None:
+    base = ["model=opt-1.3b", "hardware=1xA100-80G", "hardware.precision=bf16", "hardware.zero_stage=0"]
+    base += ["stage=sft", "stage.max_steps=10"]
+    masters = plan(compose(base))[0][0]["optim_gb"]
+    kahan = plan(compose([*base, "optimizer.master_weights=false"]))[0][0]["optim_gb"]
+    assert kahan == pytest.approx(masters * 10 / 16)  # moments + compensation, against + masters + fp32 gradients

@@ -264,21 +264,9 @@ def dropout_model_folder(folder: Path, rate: float = 0.5) -> Path:
     return folder
 
 
-def active_dropout(module: torch.nn.Module) -> list[str]:
-    """Where dropout would still act: Dropout modules with p > 0 and dropout rates kept as attributes."""
-    found = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-    for name, m in module.named_modules():
-        found += [
-            f"{name}.{a}"
-            for a in models.DROPOUT_ATTRIBUTES
-            if isinstance(getattr(m, a, None), float) and getattr(m, a) > 0
-        ]
-    return found
-
-
 def test_no_dropout_is_active_in_any_of_the_four_ppo_models(tmp_path: Path, dist_process_group) -> None:
     folder = dropout_model_folder(tmp_path)
-    assert active_dropout(AutoModelForCausalLM.from_pretrained(folder / "lm"))  # the model has dropout to disable
+    assert models.active_dropout(AutoModelForCausalLM.from_pretrained(folder / "lm"))  # dropout there to disable
     cfg = compose(
         [
             *PPO_SMALL,
@@ -291,7 +279,7 @@ def test_no_dropout_is_active_in_any_of_the_four_ppo_models(tmp_path: Path, dist
     ppo_models = PPOModels(cfg)
     four = (ppo_models.actor, ppo_models.reference, ppo_models.critic, ppo_models.reward_model)
     for model in (m.module for m in four):
-        assert active_dropout(model) == []
+        assert models.active_dropout(model) == []
     ppo_models.train_mode()  # training mode: two forward passes agree, so old and new log-probs match at the start
     ids = torch.randint(5, 500, (2, 12))
     first, second = ppo_models.actor(input_ids=ids).logits, ppo_models.actor(input_ids=ids).logits
@@ -535,6 +523,9 @@ def test_the_critics_experience_forward_folds_into_its_update_with_the_same_step
     trainers[1].fold_critic = False
     assert not function_reward_trainer("stage.ppo_epochs=2").fold_critic
     assert not function_reward_trainer("stage.ppo_epochs=1", "stage.mini_batches=1").fold_critic  # 2 micro-batches
+    lora_dropout = ("reward_model.lora.dim=4", "reward_model.lora.dropout=0.1")
+    lora_dropout += ("reward_model.lora.target_modules=[q_proj]",)
+    assert not function_reward_trainer(*one_pass, *lora_dropout).fold_critic  # noisy values: the experience's own
     results = []
     for trainer in trainers:
         critic = trainer.models.critic

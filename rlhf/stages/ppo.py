@@ -23,7 +23,7 @@ from rlhf.config import cache_dir, ppo_rollouts
 from rlhf.data import DataError, batch_indices, plan_steps
 from rlhf.data.tokenize import used_columns
 from rlhf.guard import all_finite
-from rlhf.models import load_tokenizer, save_hf
+from rlhf.models import active_dropout, load_tokenizer, save_hf
 from rlhf.ppo import functional as ppo_math
 from rlhf.rewards import columns_of
 from rlhf.stages.loop import Recipe, StepOutcome, merged_weights, save_causal_lm
@@ -104,15 +104,16 @@ class PPOTrainer(Recipe):
     def critic_forward_folds(self) -> bool:
         """Whether the critic's experience forward is also its training forward: with one epoch of one mini-batch
         and one micro-batch per rank, the critic trains from the weights that scored and on the same rows, so the
-        experience pass keeps its autograd graph and the update runs only the backward. Without dropout, as the
-        training forward would otherwise differ."""
-        stage = self.cfg.stage
+        experience pass keeps its autograd graph and the update runs only the backward. Not with dropout left in the
+        critic (LoRA's, or stage.disable_dropout=false): its values would be noisy where the experience needs them
+        exact."""
+        stage, critic = self.cfg.stage, self.models.critic
         return (
-            self.models.critic is not None
+            critic is not None
             and stage.ppo_epochs == 1
             and stage.mini_batches == 1
-            and stage.disable_dropout
             and ppo_rollouts(stage) // self.world <= self.cfg.hardware.micro_batch
+            and not active_dropout(critic.module)
         )
 
     def prompt_batch(self, step: int) -> list[dict]:
