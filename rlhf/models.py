@@ -362,45 +362,33 @@ DROPOUT_ATTRIBUTES = (
 )  # fmt: skip
 
 
-def active_dropout(model: nn.Module) -> list[str]:
-    """Where dropout would still act in training mode: `nn.Dropout` modules with p > 0 (LoRA's included) and the
-    dropout rates models keep as attributes."""
-    found = [n for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+def dropout_sites(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Where dropout would act in training mode, as (module name, module, attribute): the `p` of `nn.Dropout`
+    modules (LoRA's included) and the rates models keep as attributes for functional dropout."""
+    sites = []
     for name, module in model.named_modules():
-        found += [
-            f"{name}.{attribute}"
-            for attribute in DROPOUT_ATTRIBUTES
-            if isinstance(getattr(module, attribute, None), float) and getattr(module, attribute) > 0
-        ]
-    return found
+        for attribute in ("p",) if isinstance(module, nn.Dropout) else DROPOUT_ATTRIBUTES:
+            value = getattr(module, attribute, None)
+            if isinstance(value, float) and not isinstance(value, bool) and value > 0:
+                sites.append((name, module, attribute))
+    return sites
 
 
 def disable_dropout(model: nn.Module) -> int:
-    """Switch every dropout off: `nn.Dropout` modules, the rates models keep as attributes for functional dropout
-    (llama's attention_dropout, OPT's dropout and layerdrop) and the config's. PPO's ratio of new to old log-probs
-    must be 1 before the first update, and a reward model should score the same text the same way; DeepSpeed-Chat
-    and TRL turn dropout off in the reward and RL stages. Returns how many modules or attributes were changed."""
-    changed = 0
-    configs = []
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            changed += module.p > 0
-            module.p = 0.0
-            continue
-        for name in DROPOUT_ATTRIBUTES:
-            value = getattr(module, name, None)
-            if isinstance(value, float) and not isinstance(value, bool) and value > 0:
-                setattr(module, name, 0.0)
-                changed += 1
-        config = getattr(module, "config", None)
-        if config is not None and all(config is not c for c in configs):
-            configs.append(config)
-    for config in configs:
+    """Switch every dropout off: `dropout_sites` (llama's attention_dropout, OPT's dropout and layerdrop, ...) and the
+    configs' rates. PPO's ratio of new to old log-probs must be 1 before the first update, and a reward model should
+    score the same text the same way; DeepSpeed-Chat and TRL turn dropout off in the reward and RL stages. Returns
+    how many modules or attributes were changed."""
+    sites = dropout_sites(model)
+    for _, module, attribute in sites:
+        setattr(module, attribute, 0.0)
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    for config in configs.values():
         for name in (*DROPOUT_ATTRIBUTES, "attention_probs_dropout_prob", "hidden_dropout_prob", "embd_pdrop"):
             value = getattr(config, name, None)
             if isinstance(value, float) and value > 0:
                 setattr(config, name, 0.0)
-    return changed
+    return len(sites)
 
 
 def reward_model_from_lm(lm: nn.Module) -> RewardModel:

@@ -266,7 +266,7 @@ def dropout_model_folder(folder: Path, rate: float = 0.5) -> Path:
 
 def test_no_dropout_is_active_in_any_of_the_four_ppo_models(tmp_path: Path, dist_process_group) -> None:
     folder = dropout_model_folder(tmp_path)
-    assert models.active_dropout(AutoModelForCausalLM.from_pretrained(folder / "lm"))  # dropout there to disable
+    assert models.dropout_sites(AutoModelForCausalLM.from_pretrained(folder / "lm"))  # dropout there to disable
     cfg = compose(
         [
             *PPO_SMALL,
@@ -279,7 +279,7 @@ def test_no_dropout_is_active_in_any_of_the_four_ppo_models(tmp_path: Path, dist
     ppo_models = PPOModels(cfg)
     four = (ppo_models.actor, ppo_models.reference, ppo_models.critic, ppo_models.reward_model)
     for model in (m.module for m in four):
-        assert models.active_dropout(model) == []
+        assert models.dropout_sites(model) == []
     ppo_models.train_mode()  # training mode: two forward passes agree, so old and new log-probs match at the start
     ids = torch.randint(5, 500, (2, 12))
     first, second = ppo_models.actor(input_ids=ids).logits, ppo_models.actor(input_ids=ids).logits

@@ -19,7 +19,7 @@ from rlhf.compose import compose
 from rlhf.config import ArchConfig, ModelConfig
 from rlhf.data import builtin
 from rlhf.data.tokenize import pad_left, pad_right, pair_batch
-from rlhf.models import load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
+from rlhf.models import dropout_sites, load_reward_model, load_tokenizer, reward_model_from_lm, tiny_config
 from rlhf.ppo.functional import last_valid_index
 from rlhf.preference import pair_figures, pair_sums, pairwise_loss
 from rlhf.stages.reward import RewardTrainer
@@ -193,7 +193,7 @@ def test_reward_from_an_sft_output_on_two_processes(tmp_path: Path) -> None:
 
 
 def test_the_reward_model_trains_without_dropout(tmp_path: Path, dist_process_group) -> None:
-    from tests.test_ppo import active_dropout, dropout_model_folder
+    from tests.test_ppo import dropout_model_folder
 
     folder = dropout_model_folder(tmp_path / "models")
     cfg = compose(
@@ -201,7 +201,7 @@ def test_the_reward_model_trains_without_dropout(tmp_path: Path, dist_process_gr
     )
     trainer = RewardTrainer(cfg, tmp_path, Tracker(cfg, "reward", tmp_path))
     trainer.setup()
-    assert active_dropout(trainer.engine.module) == []
+    assert dropout_sites(trainer.engine.module) == []
     batch = {k: v.to(trainer.engine.device) for k, v in trainer.micro_batches(0)[0].items()}
     trainer.engine.train()
     assert torch.equal(trainer.engine(**batch), trainer.engine(**batch))  # training mode scores the same text alike

@@ -23,7 +23,7 @@ from rlhf.config import cache_dir, ppo_rollouts
 from rlhf.data import DataError, batch_indices, plan_steps
 from rlhf.data.tokenize import used_columns
 from rlhf.guard import all_finite
-from rlhf.models import active_dropout, load_tokenizer, save_hf
+from rlhf.models import dropout_sites, load_tokenizer, save_hf
 from rlhf.ppo import functional as ppo_math
 from rlhf.rewards import columns_of
 from rlhf.stages.loop import Recipe, StepOutcome, merged_weights, save_causal_lm
@@ -113,7 +113,7 @@ class PPOTrainer(Recipe):
             and stage.ppo_epochs == 1
             and stage.mini_batches == 1
             and ppo_rollouts(stage) // self.world <= self.cfg.hardware.micro_batch
-            and not active_dropout(critic.module)
+            and not dropout_sites(critic.module)
         )
 
     def prompt_batch(self, step: int) -> list[dict]:
