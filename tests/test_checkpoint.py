@@ -87,6 +87,7 @@ def test_bf16_training_checkpoints_and_saves_its_fp32_masters(tmp_path: Path, di
         *SFT,
         "stage.max_steps=2",
         "hardware.precision=bf16",
+        "stage.global_batch=4",  # one micro-batch a step: bf16 is emulated on CPUs without bf16 instructions
         "data.max_prompt_len=48",
         "data.max_answer_len=32",
     ]
@@ -109,7 +110,7 @@ def test_bf16_training_checkpoints_and_saves_its_fp32_masters(tmp_path: Path, di
 
 def test_bf16_training_without_masters_checkpoints_its_kahan_compensation(tmp_path: Path, dist_process_group):
     overrides = [*SFT, "stage.max_steps=2", "hardware.precision=bf16", "optimizer.master_weights=false"]
-    overrides += ["data.max_prompt_len=48", "data.max_answer_len=32"]
+    overrides += ["stage.global_batch=4", "data.max_prompt_len=48", "data.max_answer_len=32"]  # bf16 is emulated here
     trainer = sft_trainer(tmp_path, overrides)
     trainer.train()
     kahan, params = trainer.engine.optimizer, list(trainer.engine.module.parameters())
